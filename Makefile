@@ -1,0 +1,38 @@
+# Two commands matter: `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INDEX_DIR ?= data/demo-index
+DEMO_IMAGES ?= data/demo-images
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-all install demo-index serve bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Build the demo index only when it is missing, then serve it in the foreground.
+run: $(STAMP)
+	@test -f $(INDEX_DIR)/manifest.json || $(MAKE) demo-index
+	$(PY) -m deployments run --index-dir $(INDEX_DIR)
+
+demo-index: $(STAMP)
+	$(PY) -m indexing demo-images --out $(DEMO_IMAGES)
+	$(PY) -m indexing build --images $(DEMO_IMAGES) --index-dir $(INDEX_DIR) --shards 2
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m ''
+
+bench: $(STAMP)
+	$(PY) -m bench all --out bench/results --quick
+
+clean:
+	rm -rf $(VENV) data/demo-index data/demo-images

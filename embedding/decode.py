@@ -1,0 +1,81 @@
+"""Decoding of untrusted image bytes into RGB pixels.
+
+Uploads come in every mode PIL knows; the model wants 8-bit RGB. Limits are checked on the
+header before pixel data is decoded, so a decompression bomb costs nothing.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# PIL's own bomb guard is a process-wide global; we check sizes explicitly instead.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable image. `code` is a stable machine-readable reason."""
+
+    code = "invalid_image"
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image over the byte or pixel limit."""
+
+    code = "image_too_large"
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode bytes into an upright 8-bit RGB PIL image.
+
+    Applies EXIF orientation, takes the first frame of animations, flattens alpha onto white and
+    maps grayscale, palette, CMYK and 16-bit modes to RGB. Raises ImageTooLargeError over the
+    limits and ImageDecodeError for anything that is not a complete image.
+    """
+    if len(data) == 0:
+        raise ImageDecodeError("empty body: expected image bytes")
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"image is {len(data)} bytes, over the limit of {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError("not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB, flattening transparency onto white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16/32-bit grayscale: rescale the real range to 0..255 rather than clipping.
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = np.zeros_like(a) if hi <= lo else (a - lo) * (255.0 / (hi - lo))
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_rgb(img: Image.Image, size: int) -> np.ndarray:
+    """Resize to size x size (whole frame, no crop, so crops of an image stay near it) as uint8 HxWx3."""
+    return np.asarray(img.resize((size, size), Image.BILINEAR, reducing_gap=3.0), dtype=np.uint8)

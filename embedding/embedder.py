@@ -1,0 +1,65 @@
+"""Batch inference: images or uint8 pixel arrays in, float32 L2-normalised vectors out."""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from configs.schema import DecodeConfig, ModelConfig
+from embedding.decode import decode_image, resize_rgb
+from embedding.model import build_model
+
+LOG = logging.getLogger(__name__)
+
+
+def pick_device(requested: str) -> torch.device:
+    """Resolve `model.device`: auto means CUDA when visible, else CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but no CUDA device is visible")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class Embedder:
+    """Owns one model on one device. `embed_pixels` is the hot path used by Ray Data and Serve."""
+
+    def __init__(self, cfg: ModelConfig = ModelConfig(), decode: DecodeConfig = DecodeConfig()):
+        self.cfg, self.decode_cfg = cfg, decode
+        self.device = pick_device(cfg.device)
+        self.half = self.device.type == "cuda" and cfg.fp16_on_cuda
+        net = build_model(cfg).eval().to(self.device)
+        self.net = net.half() if self.half else net
+        self._mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        with torch.inference_mode():
+            self.dim = int(self.embed_pixels(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8)).shape[1])
+        LOG.info("embedder %s on %s (fp16=%s), dim %d", cfg.name, self.device, self.half, self.dim)
+
+    def prepare(self, data: bytes) -> np.ndarray:
+        """Decode untrusted bytes into the (S, S, 3) uint8 array the model takes."""
+        img = decode_image(data, max_bytes=self.decode_cfg.max_bytes, max_pixels=self.decode_cfg.max_pixels)
+        return resize_rgb(img, self.cfg.image_size)
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed (N, S, S, 3) uint8 pixels in batches of `model.batch_size`; returns (N, D) float32."""
+        if pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise ValueError(f"pixels must be (N, H, W, 3) uint8, got shape {pixels.shape}")
+        out = []
+        for start in range(0, len(pixels), self.cfg.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + self.cfg.batch_size])).to(self.device)
+            x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std
+            out.append(self.net(x.half() if self.half else x).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, 0), np.float32)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed RGB PIL images."""
+        return self.embed_pixels(np.stack([resize_rgb(im.convert("RGB"), self.cfg.image_size) for im in images]))
+
+    def embed_bytes(self, blobs: Sequence[bytes]) -> np.ndarray:
+        """Decode and embed encoded images; raises ImageDecodeError on the first bad one."""
+        return self.embed_pixels(np.stack([self.prepare(b) for b in blobs]))

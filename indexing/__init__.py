@@ -1,0 +1,3 @@
+from indexing.sharded import ShardedIndex
+
+__all__ = ["ShardedIndex"]

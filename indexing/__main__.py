@@ -1,0 +1,98 @@
+"""`python -m indexing VERB`: build, demo-images."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import numpy as np
+
+from configs.schema import ConfigError, load_config
+
+LOG = logging.getLogger("indexing")
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed without a traceback."""
+
+
+def _cmd_build(args) -> int:
+    from indexing.build import build_from_images, build_from_vectors
+
+    if bool(args.images) == bool(args.vectors):
+        raise UsageError("give exactly one of --images PATH or --vectors FILE.npy")
+    if args.ids and not args.vectors:
+        raise UsageError("--ids goes with --vectors")
+    if args.shards is not None and args.shards < 1:
+        raise UsageError(f"--shards must be >= 1, got {args.shards}")
+    cfg = load_config(args.config)
+    if args.vectors:
+        vectors = _load_npy(args.vectors, "--vectors")
+        ids = _load_npy(args.ids, "--ids") if args.ids else None
+        _init_ray(args.address)
+        summary = build_from_vectors(vectors, ids, args.index_dir, cfg, args.shards, args.factory)
+    else:
+        _init_ray(args.address)
+        summary = build_from_images(args.images, args.index_dir, cfg, args.shards, args.factory)
+    print(summary.line(), flush=True)
+    return 0
+
+
+def _cmd_demo_images(args) -> int:
+    from indexing.demo import write_demo_images
+
+    n = write_demo_images(args.out, with_variants=not args.originals_only)
+    print(f"wrote {n} demo images to {args.out}")
+    return 0
+
+
+def _load_npy(path: str, flag: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {path}: cannot read as .npy ({e})")
+
+
+def _init_ray(address: str | None) -> None:
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level="WARNING")
+        else:
+            ray.init(num_cpus=os.cpu_count(), logging_level="WARNING", include_dashboard=False)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m indexing", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+    b = sub.add_parser("build", help="build a sharded FAISS index from images or vectors")
+    b.add_argument("--images", help="folder or URI prefix of images (s3://bucket/prefix, ...)")
+    b.add_argument("--vectors", help=".npy file of (n, d) float32 vectors embedded elsewhere")
+    b.add_argument("--ids", help=".npy file of n int64 ids for --vectors (default 0..n-1)")
+    b.add_argument("--index-dir", required=True, help="where the index is written (path or URI)")
+    b.add_argument("--shards", type=int, help="number of shards (default: index.shards in the config)")
+    b.add_argument("--factory", help="FAISS index_factory string, overriding index.factory")
+    b.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    b.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    b.set_defaults(fn=_cmd_build)
+    d = sub.add_parser("demo-images", help="write the demo corpus (scikit-image photos + variants)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--originals-only", action="store_true")
+    d.set_defaults(fn=_cmd_demo_images)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The batch indexing job: images (or vectors) -> embeddings parquet -> template -> N shards.
+
+Ray Data reads and decodes images in tasks, embeds them on an actor pool (one GPU per actor when
+the cluster has GPUs) and writes the embeddings partitioned by shard; each shard is then filled
+from its own partition by a separate Ray task and written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from configs.schema import AppConfig, BuildConfig, DecodeConfig, ModelConfig
+from indexing import storage
+from indexing.ids import id_from_path, initial_slot_table, shard_of
+from indexing.manifest import Manifest, ShardEntry, next_version, publish_manifest
+from indexing.shards import add_to_shard, deserialize, make_template, serialize, write_index
+from indexing.template import choose_factory
+
+LOG = logging.getLogger(__name__)
+CATALOG_COLUMNS = ["id", "uri", "sha256", "width", "height"]
+
+
+class BuildError(RuntimeError):
+    """A build that cannot go on; the message says why (id collision, empty corpus, ...)."""
+
+
+@dataclass
+class BuildSummary:
+    indexed: int
+    failed: int
+    seconds: float
+    manifest: Manifest
+
+    def line(self) -> str:
+        rate = self.indexed / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"indexed {self.indexed} images, failed {self.failed}, in {self.seconds:.1f} s "
+            f"({rate:.1f} images/s); {self.manifest.num_shards} shards, factory {self.manifest.factory}, "
+            f"version {self.manifest.version}"
+        )
+
+
+def versioned(name: str, version: int) -> str:
+    """Artifact name for a manifest version: v1 keeps the plain name, later ones add .vN."""
+    if version == 1:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.v{version}.{ext}" if dot else f"{name}.v{version}"
+
+
+def assign_ids(rel_paths: list[str]) -> np.ndarray:
+    """Ids of relative paths; two paths with one id is an error naming both."""
+    seen: dict[int, str] = {}
+    ids = np.empty(len(rel_paths), np.int64)
+    for i, rel in enumerate(rel_paths):
+        x = id_from_path(rel)
+        if x in seen:
+            raise BuildError(f"id collision: {seen[x]!r} and {rel!r} both hash to {x}")
+        seen[x] = rel
+        ids[i] = x
+    return ids
+
+
+# ---------------------------------------------------------------- Ray Data stages
+
+
+def decode_batch(batch: dict, *, root: str, scheme: str, image_size: int, decode: dict) -> dict:
+    """Ray Data stage: raw bytes -> fixed-size pixels, id, catalog fields, and an error string."""
+    from embedding.decode import ImageDecodeError, decode_image, resize_rgb
+
+    n = len(batch["path"])
+    pixels = np.zeros((n, image_size, image_size, 3), np.uint8)
+    out = {k: [] for k in ("id", "uri", "sha256", "width", "height", "error")}
+    for i, (path, data) in enumerate(zip(batch["path"], batch["bytes"])):
+        rel = posixpath.relpath(str(path), root)
+        out["id"].append(id_from_path(rel))
+        out["uri"].append(scheme + str(path))
+        out["sha256"].append(hashlib.sha256(data).hexdigest())
+        try:
+            img = decode_image(data, **decode)
+            out["width"].append(img.width)
+            out["height"].append(img.height)
+            pixels[i] = resize_rgb(img, image_size)
+            out["error"].append("")
+        except ImageDecodeError as e:
+            out["width"].append(0)
+            out["height"].append(0)
+            out["error"].append(str(e))
+    res = {k: np.asarray(v) for k, v in out.items()}
+    res["id"] = res["id"].astype(np.int64)
+    res["pixels"] = pixels
+    return res
+
+
+class EmbedBatch:
+    """Ray Data actor: loads the model once, embeds the rows that decoded, and tags each row's shard."""
+
+    def __init__(self, model: dict, slot_table: list[int]):
+        from embedding.embedder import Embedder
+
+        self.embedder = Embedder(ModelConfig(**model))
+        self.slot_table = slot_table
+
+    def __call__(self, batch: dict) -> pa.Table:
+        ok = batch["error"] == ""
+        emb = np.zeros((len(ok), self.embedder.dim), np.float32)
+        if ok.any():
+            emb[ok] = self.embedder.embed_pixels(batch["pixels"][ok])
+        cols = {k: batch[k] for k in ("id", "uri", "sha256", "width", "height", "error")}
+        cols["shard"] = shard_of(batch["id"], self.slot_table)
+        table = pa.table({k: pa.array(np.asarray(v)) for k, v in cols.items()})
+        return table.append_column("embedding", vectors_to_arrow(emb))
+
+
+def vectors_to_arrow(x: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, d) float32 -> Arrow fixed-size lists, readable without Ray's tensor extension."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+
+def arrow_to_vectors(col) -> np.ndarray:
+    """Arrow fixed-size list column -> (n, d) float32."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(arr) == 0:
+        return np.zeros((0, arr.type.list_size), np.float32)
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size).astype(np.float32)
+
+
+# ---------------------------------------------------------------- embeddings parquet
+
+
+def embeddings_dataset(uri: str) -> pads.Dataset:
+    """The embeddings written by a build, partitioned by shard (hive layout: shard=3/...)."""
+    fs, path = storage.resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+
+
+def read_embeddings(uri: str, shard: Optional[int] = None, columns=("id", "embedding")) -> pa.Table:
+    """Rows that embedded successfully, optionally of one shard."""
+    flt = pads.field("error") == ""
+    if shard is not None:
+        flt = flt & (pads.field("shard") == shard)
+    return embeddings_dataset(uri).to_table(columns=list(columns), filter=flt)
+
+
+def sample_embeddings(uri: str, n: int, seed: int = 0) -> np.ndarray:
+    """Up to n embeddings for training, read fragment by fragment in random order to bound I/O."""
+    ds = embeddings_dataset(uri)
+    frags = list(ds.get_fragments(filter=pads.field("error") == ""))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(frags)
+    parts, have = [], 0
+    for f in frags:
+        t = f.to_table(columns=["embedding"], filter=pads.field("error") == "")
+        parts.append(arrow_to_vectors(t.column("embedding")))
+        have += t.num_rows
+        if have >= 4 * n:
+            break
+    x = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return x[rng.choice(len(x), n, replace=False)] if len(x) > n else x
+
+
+def write_vectors_parquet(uri: str, ids: np.ndarray, vectors: np.ndarray, slot_table: list[int]) -> None:
+    """Write externally embedded vectors in the same partitioned layout a Ray Data build writes."""
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "uri": pa.array([""] * len(ids)),
+            "sha256": pa.array([""] * len(ids)),
+            "width": pa.array(np.zeros(len(ids), np.int64)),
+            "height": pa.array(np.zeros(len(ids), np.int64)),
+            "error": pa.array([""] * len(ids)),
+            "shard": pa.array(shard_of(ids, slot_table)),
+        }
+    ).append_column("embedding", vectors_to_arrow(vectors))
+    fs, path = storage.resolve(uri)
+    pads.write_dataset(
+        table, path, filesystem=fs, format="parquet", partitioning=["shard"], partitioning_flavor="hive",
+        existing_data_behavior="delete_matching",
+    )
+
+
+# ---------------------------------------------------------------- shards
+
+
+def fill_shard(template: bytes, emb_uri: str, shard: int, out_uri: str, add_batch: int) -> int:
+    """Copy the template, add this shard's vectors, write it atomically; returns the vector count."""
+    index = deserialize(template)
+    t = read_embeddings(emb_uri, shard)
+    if t.num_rows:
+        add_to_shard(index, t.column("id").to_numpy(), arrow_to_vectors(t.column("embedding")), add_batch)
+    write_index(index, out_uri)
+    return int(index.ntotal)
+
+
+def write_shards(index_dir: str, version: int, template: bytes, emb_uri: str, num_shards: int, add_batch: int):
+    """Fill every shard as its own Ray task; returns the manifest's shard entries."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(fill_shard)
+    names = [versioned(f"shard-{i:03d}.faiss", version) for i in range(num_shards)]
+    tref = ray.put(template)
+    counts = ray.get(
+        [task.remote(tref, emb_uri, i, storage.join(index_dir, names[i]), add_batch) for i in range(num_shards)]
+    )
+    return [ShardEntry(path=p, count=c) for p, c in zip(names, counts)]
+
+
+def write_catalog(index_dir: str, emb_uri: str, name: str) -> None:
+    """catalog.parquet: id -> uri, sha256, width, height of every indexed image."""
+    t = read_embeddings(emb_uri, columns=CATALOG_COLUMNS).sort_by("id")
+    buf = io.BytesIO()
+    pq.write_table(t, buf)
+    storage.write_bytes_atomic(storage.join(index_dir, name), buf.getvalue())
+
+
+def write_failed(index_dir: str, emb_uri: str) -> int:
+    """failed.jsonl: one {"uri", "error"} object per image that could not be decoded."""
+    t = embeddings_dataset(emb_uri).to_table(columns=["uri", "error"], filter=pads.field("error") != "")
+    rows = sorted(zip(t.column("uri").to_pylist(), t.column("error").to_pylist()))
+    data = "".join(json.dumps({"uri": u, "error": e}) + "\n" for u, e in rows)
+    storage.write_bytes_atomic(storage.join(index_dir, "failed.jsonl"), data.encode())
+    return len(rows)
+
+
+def finish_index(
+    index_dir: str, cfg: AppConfig, version: int, emb_name: str, num_shards: int, slot_table: list[int],
+    factory_override: Optional[str], model: Optional[dict],
+) -> Manifest:
+    """Train the template on a sample, fill the shards and publish the manifest."""
+    emb_uri = storage.join(index_dir, emb_name)
+    n = read_embeddings(emb_uri, columns=["id"]).num_rows
+    if n == 0:
+        raise BuildError("no vectors to index: every input failed or the input is empty")
+    train = sample_embeddings(emb_uri, cfg.index.train_sample)
+    dim = train.shape[1]
+    factory = choose_factory(cfg.index, n, dim, len(train), factory_override)
+    t0 = time.time()
+    try:
+        template = make_template(factory, dim, cfg.index.metric, train)
+    except RuntimeError as e:
+        raise BuildError(f"cannot build factory {factory!r} for {n} vectors of dim {dim}: {e}") from None
+    LOG.info("template %s trained in %.1f s", factory, time.time() - t0)
+    template_name = versioned("template.faiss", version)
+    write_index(template, storage.join(index_dir, template_name))
+    entries = write_shards(index_dir, version, serialize(template), emb_uri, num_shards, cfg.build.add_batch_size)
+    catalog = versioned("catalog.parquet", version)
+    write_catalog(index_dir, emb_uri, catalog)
+    manifest = Manifest(
+        version=version, dim=dim, metric=cfg.index.metric, factory=factory, nprobe=cfg.index.nprobe,
+        total=sum(e.count for e in entries), template=template_name, num_slots=len(slot_table),
+        slot_table=slot_table, shards=entries, catalog=catalog, embeddings=emb_name, model=model,
+    )
+    publish_manifest(index_dir, manifest)
+    return manifest
+
+
+def build_from_vectors(
+    vectors: np.ndarray, ids: Optional[np.ndarray], index_dir: str, cfg: AppConfig,
+    shards: Optional[int] = None, factory: Optional[str] = None,
+) -> BuildSummary:
+    """Index vectors embedded elsewhere; ids default to 0..n-1."""
+    t0 = time.time()
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise BuildError(f"--vectors must hold a non-empty (n, d) array, got shape {vectors.shape}")
+    ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    if ids.shape != (len(vectors),):
+        raise BuildError(f"--ids has shape {ids.shape}, expected ({len(vectors)},)")
+    if len(np.unique(ids)) != len(ids) or (ids < 0).any():
+        raise BuildError("--ids must be unique non-negative int64 values")
+    num_shards = shards or cfg.index.shards
+    slot_table = initial_slot_table(cfg.index.slots, num_shards)
+    version = next_version(index_dir)
+    emb_name = versioned("embeddings", version)
+    write_vectors_parquet(storage.join(index_dir, emb_name), ids, vectors, slot_table)
+    m = finish_index(index_dir, cfg, version, emb_name, num_shards, slot_table, factory, None)
+    write_failed(index_dir, storage.join(index_dir, emb_name))
+    return BuildSummary(m.total, 0, time.time() - t0, m)
+
+
+def build_from_images(
+    images: str, index_dir: str, cfg: AppConfig, shards: Optional[int] = None, factory: Optional[str] = None,
+) -> BuildSummary:
+    """Index every image under a folder or URI prefix with Ray Data."""
+    import ray
+
+    t0 = time.time()
+    listed = list(storage.list_files(images, cfg.build.extensions))
+    if not listed:
+        raise BuildError(f"no images with endings {list(cfg.build.extensions)} under {images}")
+    assign_ids([rel for _, rel in listed])  # fail fast on collisions, before any pixel is read
+    fs, root = storage.resolve(images)
+    scheme = images.split("://", 1)[0] + "://" if "://" in images and not images.startswith("file://") else ""
+    num_shards = shards or cfg.index.shards
+    slot_table = initial_slot_table(cfg.index.slots, num_shards)
+    version = next_version(index_dir)
+    emb_name = versioned("embeddings", version)
+    emb_uri = storage.join(index_dir, emb_name)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    b = cfg.build
+    ds = ray.data.read_binary_files(
+        [p.split("://", 1)[1] if scheme else p for p, _ in listed], include_paths=True, filesystem=fs
+    )
+    ds = ds.map_batches(
+        decode_batch, batch_size=b.decode_batch_size, batch_format="numpy",
+        fn_kwargs=dict(root=root.replace("\\", "/"), scheme=scheme, image_size=cfg.model.image_size,
+                       decode=cfg.decode.model_dump()),
+    )
+    ds = ds.map_batches(
+        EmbedBatch, batch_size=b.embed_batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=b.min_actors, max_size=b.max_actors),
+        fn_constructor_kwargs=dict(model=cfg.model.model_dump(), slot_table=slot_table),
+        num_gpus=b.gpus_per_actor if use_gpu else 0, num_cpus=None if use_gpu else b.actor_num_cpus,
+    )
+    out_fs, out_path = storage.resolve(emb_uri)
+    ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["shard"])
+    failed = write_failed(index_dir, emb_uri)
+    m = finish_index(index_dir, cfg, version, emb_name, num_shards, slot_table, factory, cfg.model.model_dump())
+    return BuildSummary(m.total, failed, time.time() - t0, m)
+
+

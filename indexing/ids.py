@@ -1,0 +1,49 @@
+"""Ids and placement: id = hash(relative path), slot = mix64(id) % S, shard = slot_table[slot].
+
+Build, online writes and rebalancing all place an id through `shard_of`, so they agree.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+import numpy as np
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def id_from_path(rel_path: str) -> int:
+    """Stable positive int64 id of an image from its path relative to the corpus root.
+
+    blake2b of the POSIX path, top bit cleared so the id is never negative (FAISS pads with -1).
+    """
+    digest = hashlib.blake2b(rel_path.replace("\\", "/").encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def mix64(ids: np.ndarray | Iterable[int]) -> np.ndarray:
+    """splitmix64 finaliser: scrambles ids so that sequential client ids spread evenly over slots."""
+    z = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def slot_of(ids, num_slots: int) -> np.ndarray:
+    """Slot of each id: mix64(id) % S."""
+    return (mix64(ids) % np.uint64(num_slots)).astype(np.int64)
+
+
+def initial_slot_table(num_slots: int, num_shards: int) -> list[int]:
+    """Slots dealt round-robin over shards, so each shard gets S/N slots (within one)."""
+    if num_shards > num_slots:
+        raise ValueError(f"shards ({num_shards}) must not exceed slots ({num_slots})")
+    return [s % num_shards for s in range(num_slots)]
+
+
+def shard_of(ids, slot_table) -> np.ndarray:
+    """Shard of each id under a manifest's slot table."""
+    table = np.asarray(slot_table, dtype=np.int64)
+    return table[slot_of(ids, len(table))]

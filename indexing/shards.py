@@ -1,0 +1,137 @@
+"""The shard format: a FAISS index copied from the trained template, holding its own vectors.
+
+This module is the one place that knows how a shard file is laid out, how vectors and ids are
+added and how a shard is searched; the build job, ShardedIndex and the shard deployments all
+import it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import faiss
+import numpy as np
+
+from indexing import storage
+
+LOG = logging.getLogger(__name__)
+
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+
+
+def make_template(factory: str, dim: int, metric: str, train_vectors: np.ndarray) -> faiss.Index:
+    """Train an empty index from `factory`, wrapped so that it stores our int64 ids.
+
+    IVF indexes keep ids in their inverted lists; everything else (Flat, Refine, PreTransform)
+    gets an IndexIDMap2 around it.
+    """
+    index = faiss.index_factory(dim, factory, METRICS[metric])
+    if not index.is_trained:
+        xt = np.ascontiguousarray(train_vectors, dtype=np.float32)
+        LOG.info("training %s on %d vectors", factory, len(xt))
+        index.train(xt)
+    if not isinstance(index, faiss.IndexIVF):
+        index = faiss.IndexIDMap2(index)
+    return index
+
+
+def serialize(index: faiss.Index) -> bytes:
+    """Index to bytes, the on-disk shard and template format."""
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes) -> faiss.Index:
+    """Bytes to index."""
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def read_index(uri: str) -> faiss.Index:
+    """Load a shard or template from a local path or any pyarrow URI."""
+    if storage.is_local(uri):
+        _, path = storage.resolve(uri)
+        return faiss.read_index(path)
+    return deserialize(storage.read_bytes(uri))
+
+
+def write_index(index: faiss.Index, uri: str) -> None:
+    """Write a shard or template atomically (temporary file, fsync, rename)."""
+    storage.write_bytes_atomic(uri, serialize(index))
+
+
+def add_to_shard(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, batch: int = 65536) -> None:
+    """Add vectors under their ids, in batches to bound temporary memory."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != index.d:
+        raise ValueError(f"vectors must be (n, {index.d}), got {vectors.shape}")
+    if len(ids) != len(vectors):
+        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+    for s in range(0, len(ids), batch):
+        index.add_with_ids(vectors[s : s + batch], ids[s : s + batch])
+
+
+def shard_ids(index: faiss.Index) -> np.ndarray:
+    """All ids stored in a shard."""
+    if isinstance(index, faiss.IndexIVF):
+        invlists = index.invlists
+        parts = [
+            faiss.rev_swig_ptr(invlists.get_ids(l), invlists.list_size(l)).copy()
+            for l in range(index.nlist)
+            if invlists.list_size(l)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+
+
+def _params(index: faiss.Index, nprobe: int, k_factor: float, sel, keep: list):
+    """Nested SearchParameters for `index`, with `sel` on internal ids; `keep` holds SWIG refs alive."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        if sel is not None:
+            sel = faiss.IDSelectorTranslated(index.id_map, sel)
+            keep.append(sel)
+        return _params(index.index, nprobe, k_factor, sel, keep)
+    if isinstance(index, faiss.IndexRefine):
+        base = _params(index.base_index, nprobe, k_factor, sel, keep)
+        p = faiss.IndexRefineSearchParameters(k_factor=float(k_factor), base_index_params=base)
+    elif isinstance(index, faiss.IndexPreTransform):
+        p = faiss.SearchParametersPreTransform(index_params=_params(index.index, nprobe, k_factor, sel, keep))
+    elif isinstance(index, faiss.IndexIVF):
+        p = faiss.SearchParametersIVF(nprobe=int(min(nprobe, index.nlist)))
+        p.sel = sel
+    else:
+        p = faiss.SearchParameters()
+        p.sel = sel
+    keep.append(p)
+    return p
+
+
+def search_shard(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    nprobe: int,
+    *,
+    k_factor: float = 4.0,
+    exclude: Optional[np.ndarray] = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of one shard as (D, I), float32 and int64, -1 padded; `exclude` ids are never returned.
+
+    Parameters travel with the call (never set on the shared index), so concurrent searches with
+    different nprobe are safe. Filtering happens inside the search, so k results still come back
+    when enough unfiltered vectors exist.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != index.d:
+        raise ValueError(f"queries must be (n, {index.d}), got {queries.shape}")
+    keep: list = []
+    sel = None
+    if exclude is not None and len(exclude):
+        batch = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64))
+        sel = faiss.IDSelectorNot(batch)
+        keep += [batch, sel]
+    params = _params(index, nprobe, k_factor, sel, keep)
+    if index.ntotal == 0:
+        return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+    D, I = index.search(queries, k, params=params)
+    return D.astype(np.float32, copy=False), I.astype(np.int64, copy=False)

@@ -1,0 +1,93 @@
+"""Paths as URIs through pyarrow filesystems: local disk by default, object stores on a cluster.
+
+Writes are atomic everywhere: on local disk a temporary file is fsynced and renamed over the
+target; on object stores a single PUT is already all-or-nothing.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Filesystem and path for a URI or a plain local path."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def is_local(uri: str) -> bool:
+    """True for plain paths and file:// URIs."""
+    return "://" not in uri or uri.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a URI or local path."""
+    if "://" in base:
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def exists(uri: str) -> bool:
+    """True when a file or directory exists at `uri`."""
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of a file."""
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def makedirs(uri: str) -> None:
+    """Create a directory and its parents (a no-op on object stores)."""
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write `data` so that readers see either the old file or the complete new one."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_files(uri: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """Yield (full path or URI, path relative to `uri`) for files under `uri` with one of `extensions`."""
+    fs, root = resolve(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such folder or prefix: {uri}")
+    if info.type == pafs.FileType.File:
+        raise NotADirectoryError(f"--images must be a folder or prefix, not a file: {uri}")
+    prefix = uri.split("://", 1)[0] + "://" if "://" in uri and not uri.startswith("file://") else ""
+    exts = tuple(e.lower() for e in extensions)
+    for fi in sorted(fs.get_file_info(pafs.FileSelector(root, recursive=True)), key=lambda f: f.path):
+        if fi.type == pafs.FileType.File and fi.path.lower().endswith(exts):
+            rel = posixpath.relpath(fi.path.replace(os.sep, "/"), root.replace(os.sep, "/"))
+            yield prefix + fi.path, rel

@@ -1,0 +1,50 @@
+"""Test images made from the photos scikit-image ships: no download, no shared data."""
+from __future__ import annotations
+
+import io
+import os
+
+from PIL import Image
+
+from indexing.demo import sample_images
+
+
+# Stochastic textures and repeated patterns: their quadrants are the same picture, not distinct ones.
+TEXTURES = {"brick", "grass", "gravel", "chessboard_RGB", "microaneurysms", "cell", "moon", "clock_motion"}
+
+
+def distinct_images() -> dict[str, Image.Image]:
+    """Each bundled photo, and the four quadrants of those that are not textures, as separate images."""
+    out = {}
+    for stem, img in sample_images().items():
+        out[f"{stem}/full"] = img
+        if stem in TEXTURES:
+            continue
+        w, h = img.size
+        for qi, (x, y) in enumerate([(0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2)]):
+            out[f"{stem}/q{qi}"] = img.crop((x, y, x + w // 2, y + h // 2))
+    return out
+
+
+def write_corpus(root: str) -> int:
+    """Write distinct_images() as JPEGs under root; returns how many."""
+    imgs = distinct_images()
+    for name, img in imgs.items():
+        path = os.path.join(root, f"{name}.jpg")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        img.save(path, "JPEG", quality=92)
+    return len(imgs)
+
+
+def edited_copy(data: bytes, *, scale: float = 0.6, quality: int = 60, crop: float = 0.0) -> bytes:
+    """An upload-like edit: optional border crop (fraction per side), resize, JPEG recompression."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    if crop:
+        dx, dy = int(w * crop), int(h * crop)
+        img = img.crop((dx, dy, w - dx, h - dy))
+        w, h = img.size
+    img = img.resize((max(16, int(w * scale)), max(16, int(h * scale))), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

@@ -1,0 +1,75 @@
+"""Decoding real-world uploads: modes, orientation, animation, limits, corrupt files."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedding.decode import ImageDecodeError, ImageTooLargeError, decode_image
+
+LIMITS = dict(max_bytes=5_000_000, max_pixels=4_000_000)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [("L", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("RGB", "WEBP"), ("1", "BMP")],
+)
+def test_every_mode_becomes_rgb(mode, fmt):
+    img = Image.new("RGB", (40, 30), (200, 30, 60)).convert(mode)
+    out = decode_image(encode(img, fmt), **LIMITS)
+    assert out.mode == "RGB" and out.size == (40, 30)
+
+
+def test_16bit_grayscale_keeps_contrast():
+    a = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    out = np.asarray(decode_image(encode(Image.fromarray(a), "PNG"), **LIMITS))
+    assert out.min() == 0 and out.max() == 255
+
+
+def test_transparent_pixels_flatten_to_white():
+    img = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert np.asarray(decode_image(encode(img, "PNG"), **LIMITS)).min() == 255
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (60, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes()), **LIMITS)
+    assert out.size == (20, 60)
+
+
+def test_animated_gif_gives_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    px = np.asarray(decode_image(data, **LIMITS))[0, 0]
+    assert px[0] > 200 and px[1] < 50
+
+
+def test_pixel_bomb_is_refused_before_decoding():
+    data = encode(Image.new("L", (3000, 3000)), "PNG")  # compresses to a few KB
+    with pytest.raises(ImageTooLargeError, match="pixels"):
+        decode_image(data, max_bytes=10**7, max_pixels=1_000_000)
+
+
+def test_byte_limit():
+    with pytest.raises(ImageTooLargeError, match="bytes"):
+        decode_image(b"x" * 101, max_bytes=100, max_pixels=10)
+
+
+@pytest.mark.parametrize("data", [b"", b"hello, not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 20])
+def test_garbage_is_a_decode_error(data):
+    with pytest.raises(ImageDecodeError):
+        decode_image(data, **LIMITS)
+
+
+def test_truncated_jpeg_is_a_decode_error():
+    data = encode(Image.effect_noise((200, 200), 50).convert("RGB"), "JPEG")
+    with pytest.raises(ImageDecodeError, match="truncated|corrupt"):
+        decode_image(data[: len(data) // 2], **LIMITS)
