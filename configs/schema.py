@@ -85,6 +85,28 @@ class BuildConfig(_Strict):
         return self
 
 
+class ServeConfig(_Strict):
+    """The Ray Serve application. Replica counts of the embedder, router, ranker and ingress live in
+    serve_config.yaml (Serve's own schema); shard replication lives here because shard deployments
+    are created from the manifest."""
+
+    default_k: PositiveInt = Field(10, description="results per query when k is not given")
+    max_k: PositiveInt = Field(1000, description="largest k a request may ask for")
+    max_vectors_per_request: PositiveInt = Field(256, description="largest batch for POST /search/vector")
+    shard_replicas: PositiveInt = Field(1, description="replicas per shard deployment (replication factor)")
+    shard_num_cpus: PositiveFloat = Field(0.25, description="CPUs reserved per shard replica")
+    shard_timeout_s: PositiveFloat = Field(2.0, description="a shard that takes longer is left out (partial answer)")
+    max_batch_size: PositiveInt = Field(16, description="embedder @serve.batch size")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="embedder @serve.batch wait for a fuller batch")
+    dedupe_fetch_factor: PositiveInt = Field(2, description="the ranker fetches k*factor to still return k after dropping duplicates")
+
+    @model_validator(mode="after")
+    def _k(self):
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
+        return self
+
+
 class AppConfig(_Strict):
     """Everything one deployment of the service reads."""
 
@@ -92,6 +114,7 @@ class AppConfig(_Strict):
     decode: DecodeConfig = DecodeConfig()
     index: IndexConfig = IndexConfig()
     build: BuildConfig = BuildConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 class ConfigError(ValueError):

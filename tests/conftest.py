@@ -43,3 +43,36 @@ def corpus_dir(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(int(os.environ.get("TEST_SEED", "0")))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def image_index_dir(ray_session, corpus_dir, tmp_path_factory):
+    """The test corpus indexed into 3 shards (exact Flat: it is small)."""
+    from indexing.__main__ import main as indexing_main
+
+    root, _ = corpus_dir
+    out = tmp_path_factory.mktemp("served") / "index"
+    assert indexing_main(["build", "--images", str(root), "--index-dir", str(out), "--shards", "3"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def service(ray_session, image_index_dir):
+    """serve_config.yaml deployed on the session's Ray, serving image_index_dir; yields the base URL."""
+    from ray import serve
+
+    from deployments.__main__ import DEFAULT_SERVE_CONFIG, deploy, load_serve_config, wait_healthy
+
+    cfg = load_serve_config(str(DEFAULT_SERVE_CONFIG), str(image_index_dir), None, free_port())
+    url = deploy(cfg)
+    assert wait_healthy(url, 180), "service did not become healthy"
+    yield url
+    serve.shutdown()

@@ -1,0 +1,100 @@
+"""`python -m deployments run --index-dir DIR`: deploy serve_config.yaml on a local (or given) Ray
+and block, printing the URL and a ready curl once every shard is loaded."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
+
+
+def load_serve_config(path: str, index_dir: str | None, config: str | None, port: int | None) -> dict:
+    """serve_config.yaml with the index directory, app config and port filled in."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    app = cfg["applications"][0]
+    if index_dir:
+        app["args"]["index_dir"] = index_dir if "://" in index_dir else os.path.abspath(index_dir)
+    if config:
+        app["args"]["config"] = os.path.abspath(config)
+    if port:
+        cfg.setdefault("http_options", {})["port"] = port
+    return cfg
+
+
+def deploy(cfg: dict, address: str | None = None) -> str:
+    """Start Serve and deploy the config the way `serve run CONFIG` does; returns the base URL."""
+    import ray
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(cfg)
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, namespace="serve")
+        else:
+            ray.init(num_cpus=os.cpu_count(), namespace="serve", include_dashboard=False)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+    )
+    client.deploy_apps(schema, _blocking=False)
+    host = schema.http_options.host
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{schema.http_options.port}"
+
+
+def wait_healthy(url: str, timeout_s: float) -> bool:
+    """Poll /healthz until it answers 200."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return False
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deployments", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+    r = sub.add_parser("run", help="serve an index over HTTP")
+    r.add_argument("--index-dir", help="index directory (default: the one in serve_config.yaml)")
+    r.add_argument("--serve-config", default=str(DEFAULT_SERVE_CONFIG))
+    r.add_argument("--config", help="app config YAML (default: configs/default.yaml)")
+    r.add_argument("--port", type=int)
+    r.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    r.add_argument("--timeout-s", type=float, default=300, help="how long to wait for the service to be healthy")
+    args = p.parse_args(argv)
+    index_dir = args.index_dir
+    if index_dir and "://" not in index_dir and not Path(index_dir, "manifest.json").exists():
+        print(f"error: no index at {index_dir} (manifest.json missing); build one with `python -m indexing build`",
+              file=sys.stderr)
+        return 2
+    url = deploy(load_serve_config(args.serve_config, index_dir, args.config, args.port), args.address)
+    if not wait_healthy(url, args.timeout_s):
+        print(f"error: the service at {url} did not become healthy in {args.timeout_s:.0f} s", file=sys.stderr)
+        return 1
+    sample = next(Path(index_dir or ".").parent.glob("demo-images/*/original.jpg"), None)
+    print(f"\nimage search is up at {url}\n")
+    print(f"  curl -s -X POST '{url}/search?k=5' -H 'Content-Type: image/jpeg' --data-binary @{sample or 'photo.jpg'}")
+    print(f"  curl -s {url}/stats\n\nCtrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

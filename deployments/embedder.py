@@ -1,0 +1,45 @@
+"""Embedder deployment: decodes uploads and embeds them in batches (the only GPU stage)."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from ray import serve
+
+from configs.schema import DecodeConfig, ModelConfig
+from embedding.decode import ImageDecodeError
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+class Embedder:
+    """Holds one model; `embed_image` decodes one upload, batching happens across concurrent requests."""
+
+    def __init__(self, model: dict, decode: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005):
+        from embedding.embedder import Embedder as Model
+
+        self.model = Model(ModelConfig(**model), DecodeConfig(**decode))
+        self.reconfigure({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Batch settings can change at runtime through the deployment's user_config."""
+        if "max_batch_size" in user_config:
+            self._embed_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self._embed_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _embed_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        # The forward pass runs in a thread so the replica keeps accepting requests into the next batch.
+        vectors = await asyncio.to_thread(self.model.embed_pixels, np.stack(pixels))
+        return list(vectors)
+
+    async def embed_image(self, data: bytes) -> dict:
+        """{"vector": (D,) float32} or {"error": code, "message": text} for an undecodable upload."""
+        try:
+            pixels = await asyncio.to_thread(self.model.prepare, data)
+        except ImageDecodeError as e:
+            return {"error": e.code, "message": str(e)}
+        return {"vector": await self._embed_batch(pixels)}
+
+    def dim(self) -> int:
+        return self.model.dim

@@ -1,0 +1,124 @@
+"""HTTP request parsing and error bodies for the ingress; plain Starlette, importable without Ray.
+
+Every rejection is an ApiError that becomes `{"error": {"code", "message"}}` with its status.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+
+class ApiError(Exception):
+    """A request the service refuses, with the HTTP status and a stable error code."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"code": self.code, "message": self.message}}, status_code=self.status)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes max_bytes (never buffered past it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "invalid_request", f"bad Content-Length header {declared!r}")
+        if int(declared) > max_bytes:
+            raise ApiError(413, "body_too_large", f"body is {declared} bytes, over the limit of {max_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, "body_too_large", f"body is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_image(request: Request, max_bytes: int) -> bytes:
+    """Image bytes from a raw `image/*` or octet-stream body, or from a multipart field `image`."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        data = await read_body(request, max_bytes)
+    elif ctype == "multipart/form-data":
+        # Starlette spools large parts to disk; the limit is enforced on the declared length first.
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
+            raise ApiError(413, "body_too_large", f"body is {declared} bytes, over the limit of {max_bytes}")
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except Exception as e:  # malformed multipart
+            raise ApiError(400, "invalid_multipart", f"cannot parse multipart body: {e}") from None
+        part = form.get("image")
+        if part is None or isinstance(part, str):
+            raise ApiError(400, "missing_image", "multipart body needs a file field named 'image'")
+        data = await part.read()
+        if len(data) > max_bytes:
+            raise ApiError(413, "image_too_large", f"image is {len(data)} bytes, over the limit of {max_bytes}")
+    else:
+        raise ApiError(
+            415, "unsupported_media_type",
+            f"content type {ctype or '(none)'!r} is not supported: send image/*, application/octet-stream "
+            "or multipart/form-data with a field 'image'",
+        )
+    if not data:
+        raise ApiError(400, "empty_body", "the request has no image bytes")
+    return data
+
+
+def parse_k(raw, default: int, max_k: int) -> int:
+    """k from a query string or JSON value; 422 unless an integer in 1..max_k."""
+    if raw is None:
+        return default
+    if isinstance(raw, bool):
+        raise ApiError(422, "invalid_k", f"k must be an integer in 1..{max_k}, got {raw!r}")
+    try:
+        k = int(raw) if not isinstance(raw, float) or raw.is_integer() else None
+    except (TypeError, ValueError):
+        k = None
+    if k is None or not 1 <= k <= max_k:
+        raise ApiError(422, "invalid_k", f"k must be an integer in 1..{max_k}, got {raw!r}")
+    return k
+
+
+def parse_nprobe(raw) -> Optional[int]:
+    """Optional per-request nprobe; 422 unless a positive integer."""
+    if raw is None:
+        return None
+    try:
+        n = int(raw)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or n > 65536:
+        raise ApiError(422, "invalid_nprobe", f"nprobe must be an integer in 1..65536, got {raw!r}")
+    return n
+
+
+def parse_vector_request(body: bytes, dim: int, max_vectors: int) -> tuple[np.ndarray, bool, dict]:
+    """({"vector": [...]} or {"vectors": [[...]]}) -> ((n, dim) float32, batched?, the JSON object)."""
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict) or ("vector" in obj) == ("vectors" in obj):
+        raise ApiError(422, "invalid_request", "JSON must be an object with exactly one of 'vector' or 'vectors'")
+    batched = "vectors" in obj
+    rows = obj["vectors"] if batched else [obj["vector"]]
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+        raise ApiError(422, "invalid_vector", "'vectors' must be a non-empty list of lists of numbers")
+    if len(rows) > max_vectors:
+        raise ApiError(422, "too_many_vectors", f"{len(rows)} vectors, the limit is {max_vectors}")
+    bad = [len(r) for r in rows if len(r) != dim]
+    if bad:
+        raise ApiError(422, "wrong_dimension", f"vectors must have dimension {dim}, got {bad[0]}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in rows for v in r):
+        raise ApiError(422, "invalid_vector", "vector entries must be numbers")
+    x = np.asarray(rows, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ApiError(422, "invalid_vector", "vector entries must be finite")
+    return x, batched, obj

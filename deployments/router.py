@@ -1,0 +1,46 @@
+"""Router deployment: fans a query out to every shard and merges the top-k lists exactly."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from indexing.merge import merge_topk
+
+LOG = logging.getLogger("ray.serve")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
+class Router:
+    def __init__(self, shards: list[DeploymentHandle], metric: str, timeout_s: float):
+        self.shards, self.metric, self.timeout_s = shards, metric, timeout_s
+
+    async def _call(self, handle: DeploymentHandle, method: str, *args):
+        response = getattr(handle, method).remote(*args)
+        try:
+            return await asyncio.wait_for(response, self.timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise
+
+    async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None) -> dict:
+        """{"scores", "ids", "partial", "shards_ok"}, or {"unavailable": reason} when no shard answers."""
+        calls = [self._call(h, "search", queries, k, nprobe) for h in self.shards]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        ok = [a for a in answers if not isinstance(a, BaseException)]
+        for i, a in enumerate(answers):
+            if isinstance(a, BaseException):
+                LOG.warning("shard %d left out: %s", i, type(a).__name__)
+        if not ok:
+            return {"unavailable": f"none of {len(self.shards)} shards answered within {self.timeout_s} s"}
+        D, I = merge_topk(ok, k, self.metric)
+        return {"scores": D, "ids": I, "partial": len(ok) < len(self.shards), "shards_ok": len(ok)}
+
+    async def shard_info(self) -> list[Optional[dict]]:
+        """Each shard's info, or None for a shard that does not answer in time."""
+        answers = await asyncio.gather(*[self._call(h, "info") for h in self.shards], return_exceptions=True)
+        return [None if isinstance(a, BaseException) else a for a in answers]
