@@ -77,6 +77,7 @@ class BuildConfig(_Strict):
     actor_num_cpus: PositiveFloat = Field(1.0, description="CPUs per embedding actor (CPU-only clusters)")
     gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per embedding actor when the cluster has GPUs")
     add_batch_size: PositiveInt = Field(65536, description="vectors added to a shard per faiss call")
+    shard_task_cpus: PositiveFloat = Field(0.5, description="CPUs reserved by each shard-filling Ray task")
 
     @model_validator(mode="after")
     def _actors(self):
@@ -94,7 +95,7 @@ class ServeConfig(_Strict):
     max_k: PositiveInt = Field(1000, description="largest k a request may ask for")
     max_vectors_per_request: PositiveInt = Field(256, description="largest batch for POST /search/vector")
     shard_replicas: PositiveInt = Field(1, description="replicas per shard deployment (replication factor)")
-    shard_num_cpus: PositiveFloat = Field(0.25, description="CPUs reserved per shard replica")
+    shard_num_cpus: PositiveFloat = Field(0.1, description="CPUs reserved per shard replica")
     shard_timeout_s: PositiveFloat = Field(2.0, description="a shard that takes longer is left out (partial answer)")
     max_batch_size: PositiveInt = Field(16, description="embedder @serve.batch size")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="embedder @serve.batch wait for a fuller batch")

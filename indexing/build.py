@@ -204,15 +204,15 @@ def fill_shard(template: bytes, emb_uri: str, shard: int, out_uri: str, add_batc
     return int(index.ntotal)
 
 
-def write_shards(index_dir: str, version: int, template: bytes, emb_uri: str, num_shards: int, add_batch: int):
+def write_shards(index_dir: str, version: int, template: bytes, emb_uri: str, num_shards: int, b: BuildConfig):
     """Fill every shard as its own Ray task; returns the manifest's shard entries."""
     import ray
 
-    task = ray.remote(num_cpus=1)(fill_shard)
+    task = ray.remote(num_cpus=b.shard_task_cpus)(fill_shard)
     names = [versioned(f"shard-{i:03d}.faiss", version) for i in range(num_shards)]
     tref = ray.put(template)
     counts = ray.get(
-        [task.remote(tref, emb_uri, i, storage.join(index_dir, names[i]), add_batch) for i in range(num_shards)]
+        [task.remote(tref, emb_uri, i, storage.join(index_dir, names[i]), b.add_batch_size) for i in range(num_shards)]
     )
     return [ShardEntry(path=p, count=c) for p, c in zip(names, counts)]
 
@@ -254,7 +254,7 @@ def finish_index(
     LOG.info("template %s trained in %.1f s", factory, time.time() - t0)
     template_name = versioned("template.faiss", version)
     write_index(template, storage.join(index_dir, template_name))
-    entries = write_shards(index_dir, version, serialize(template), emb_uri, num_shards, cfg.build.add_batch_size)
+    entries = write_shards(index_dir, version, serialize(template), emb_uri, num_shards, cfg.build)
     catalog = versioned("catalog.parquet", version)
     write_catalog(index_dir, emb_uri, catalog)
     manifest = Manifest(

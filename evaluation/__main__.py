@@ -1,0 +1,100 @@
+"""`python -m evaluation run|ann`: retrieval quality of the model, and ANN quality of an index."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from configs.schema import ConfigError, load_config
+
+
+def _print_table(d: dict) -> None:
+    for key, v in d.items():
+        if not isinstance(v, (dict, list)):
+            print(f"  {key:>12}: {v:.4f}" if isinstance(v, float) else f"  {key:>12}: {v}")
+
+
+def _cmd_run(args) -> int:
+    from evaluation.run import (
+        category_judgements, in_process_searcher, model_summary, pair_judgements, run_evaluation, service_searcher,
+    )
+
+    if bool(args.labels) == bool(args.pairs):
+        raise ValueError("give exactly one of --labels CSV (path,category) or --pairs CSV (query,relevant)")
+    if args.labels and not args.leave_one_out:
+        raise ValueError("category labels are evaluated leave-one-out: add --leave-one-out")
+    root = args.root or os.path.dirname(os.path.abspath(args.labels or args.pairs))
+    judged = category_judgements(args.labels) if args.labels else pair_judgements(args.pairs, args.database)
+    cfg = load_config(args.config)
+    if args.url:
+        search = service_searcher(root, args.url)
+        where = {"url": args.url}
+    else:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        search = in_process_searcher(root, judged.database, cfg, args.factory)
+        where = {"factory": search.index.manifest.factory}
+    result = run_evaluation(judged, search, args.k, args.recall_k, depth=min(len(judged.database), 1000) if args.url else None)
+    result.update(model=model_summary(cfg.model), **where)
+    print(f"{judged.protocol}: {result['queries']} queries against {result['database']} images")
+    _print_table(result)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def _cmd_ann(args) -> int:
+    from evaluation.ann import ann_sweep, plot_sweep
+
+    result = ann_sweep(args.index_dir, args.nprobe, args.queries)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "ann.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_sweep(result, os.path.join(args.out, "ann.png"))
+    print(f"{result['factory']}: {result['ntotal']} vectors, dim {result['dim']}, "
+          f"{result['code_bytes_per_vector']} code bytes/vector, default nprobe {result['default_nprobe']}")
+    print("| nprobe | " + " | ".join(k for k in result["rows"][0] if k != "nprobe") + " |")
+    for r in result["rows"]:
+        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+    r = sub.add_parser("run", help="nDCG@k, P@k, mAP, recall@k and MRR on labelled images")
+    r.add_argument("--labels", help="CSV path,category (category level)")
+    r.add_argument("--pairs", help="CSV query,relevant (instance level)")
+    r.add_argument("--database", help="for --pairs: file listing the database images, one per line")
+    r.add_argument("--root", help="folder the CSV paths are relative to (default: the CSV's folder)")
+    r.add_argument("--leave-one-out", action="store_true", help="every image queries all the others")
+    r.add_argument("--k", type=int, default=10, help="cutoff of nDCG@k and P@k")
+    r.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10])
+    r.add_argument("--url", help="evaluate a running service instead of an in-process index")
+    r.add_argument("--factory", help="index factory for the in-process index (default: the config's)")
+    r.add_argument("--config", help="YAML config (model settings)")
+    r.add_argument("--out", help="write the metrics as JSON here")
+    r.set_defaults(fn=_cmd_run)
+    a = sub.add_parser("ann", help="recall@1/10/100 vs exact search, swept over nprobe")
+    a.add_argument("--index-dir", required=True)
+    a.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    a.add_argument("--queries", type=int, default=1000)
+    a.add_argument("--out", default="bench/results/ann")
+    a.set_defaults(fn=_cmd_ann)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The evaluation job: judged queries -> ranked lists (in-process or over HTTP) -> metrics."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from configs.schema import AppConfig, ModelConfig
+from evaluation.metrics import average_precision, ndcg_at_k, precision_at_k, recall_at_k, reciprocal_rank
+
+LOG = logging.getLogger(__name__)
+
+# A searcher maps query paths (relative to the root) to ranked database paths, best first.
+Searcher = Callable[[Sequence[str], int], list[list[str]]]
+
+
+@dataclass
+class Judgements:
+    """Queries, the database they search, and each query's relevant database items."""
+
+    queries: list[str]
+    database: list[str]
+    relevant: dict[str, set[str]]
+    exclude_self: bool = False
+    protocol: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def _read_csv(path: str) -> list[list[str]]:
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    if len(rows) < 2:
+        raise ValueError(f"{path}: expected a header and at least one row")
+    return rows[1:]
+
+
+def category_judgements(labels_csv: str) -> Judgements:
+    """`path,category` rows, leave-one-out: every image queries all others; same category is relevant."""
+    rows = _read_csv(labels_csv)
+    if any(len(r) < 2 for r in rows):
+        raise ValueError(f"{labels_csv}: every row needs path,category")
+    by_cat: dict[str, set[str]] = {}
+    for path, cat, *_ in rows:
+        by_cat.setdefault(cat, set()).add(path)
+    paths = [r[0] for r in rows]
+    relevant = {p: by_cat[c] - {p} for p, c, *_ in rows}
+    return Judgements(paths, paths, relevant, exclude_self=True, protocol="category leave-one-out",
+                      meta={"categories": len(by_cat)})
+
+
+def pair_judgements(pairs_csv: str, database_list: Optional[str] = None) -> Judgements:
+    """`query,relevant` rows (instance level). The database is `database_list` (one path per line)
+    or, by default, every image named as relevant."""
+    rows = _read_csv(pairs_csv)
+    relevant: dict[str, set[str]] = {}
+    for q, r, *_ in rows:
+        relevant.setdefault(q, set()).add(r)
+    if database_list:
+        with open(database_list) as f:
+            database = [l.strip() for l in f if l.strip()]
+    else:
+        database = sorted({r for rs in relevant.values() for r in rs})
+    return Judgements(sorted(relevant), database, relevant, protocol="instance pairs")
+
+
+def score(judged: Judgements, ranked: list[list[str]], k: int, recall_ks: Sequence[int]) -> dict:
+    """Mean nDCG@k, P@k, mAP, recall@k' and MRR over queries with at least one relevant item."""
+    per = {f"ndcg@{k}": [], f"p@{k}": [], "map": [], "mrr": [], **{f"recall@{r}": [] for r in recall_ks}}
+    for q, lst in zip(judged.queries, ranked):
+        rel_set = judged.relevant.get(q, set())
+        if not rel_set:
+            continue
+        rel = [1.0 if p in rel_set else 0.0 for p in lst]
+        per[f"ndcg@{k}"].append(ndcg_at_k(rel, k, ideal=[1.0] * len(rel_set)))
+        per[f"p@{k}"].append(precision_at_k(rel, k))
+        per["map"].append(average_precision(rel, len(rel_set)))
+        per["mrr"].append(reciprocal_rank(rel))
+        for r in recall_ks:
+            per[f"recall@{r}"].append(recall_at_k(rel, r, len(rel_set)))
+    out = {name: float(np.mean(v)) if v else float("nan") for name, v in per.items()}
+    out["queries"] = len(per["map"])
+    return out
+
+
+def in_process_searcher(root: str, database: list[str], cfg: AppConfig, factory: Optional[str], shards: int = 1) -> Searcher:
+    """Embed the database, index it with the project's build (a temporary index dir) and search
+    it through ShardedIndex."""
+    from embedding.embedder import Embedder
+    from indexing import ShardedIndex
+    from indexing.build import build_from_vectors
+    from indexing.ids import id_from_path
+
+    emb = Embedder(cfg.model, cfg.decode)
+    t0 = time.time()
+    x = embed_paths(emb, root, database)
+    LOG.info("embedded %d database images in %.1f s", len(database), time.time() - t0)
+    ids = np.array([id_from_path(p) for p in database], np.int64)
+    path_of = dict(zip(ids.tolist(), database))
+    tmp = tempfile.mkdtemp(prefix="eval-index-")
+    build_from_vectors(x, ids, tmp, cfg, shards, factory)
+    ix = ShardedIndex.open(tmp)
+    cache = dict(zip(database, x))
+
+    def search(queries: Sequence[str], depth: int) -> list[list[str]]:
+        missing = [q for q in queries if q not in cache]
+        if missing:
+            cache.update(zip(missing, embed_paths(emb, root, missing)))
+        q = np.stack([cache[p] for p in queries])
+        _, I = ix.search(q, min(depth, ix.ntotal))
+        return [[path_of[i] for i in row if i >= 0] for row in I]
+
+    search.index = ix  # for reports: which factory was searched
+    return search
+
+
+def service_searcher(root: str, url: str) -> Searcher:
+    """Send each query image to a running service; results map back to paths through their uri."""
+    import httpx
+
+    root_abs = os.path.abspath(root)
+    client = httpx.Client(base_url=url.rstrip("/"), timeout=120)
+
+    def rel(uri: str) -> str:
+        return os.path.relpath(uri.split("://", 1)[-1], root_abs)
+
+    def search(queries: Sequence[str], depth: int) -> list[list[str]]:
+        out = []
+        for qp in queries:
+            with open(os.path.join(root, qp), "rb") as f:
+                r = client.post(f"/search?k={min(depth, 1000)}", content=f.read(),
+                                headers={"content-type": "application/octet-stream"})
+            r.raise_for_status()
+            out.append([rel(h["uri"]) for h in r.json()["results"]])
+        return out
+
+    return search
+
+
+def embed_paths(emb, root: str, paths: Sequence[str], batch: int = 64) -> np.ndarray:
+    """Embed image files under root, in batches."""
+    parts = []
+    for s in range(0, len(paths), batch):
+        blobs = []
+        for p in paths[s : s + batch]:
+            with open(os.path.join(root, p), "rb") as f:
+                blobs.append(f.read())
+        parts.append(emb.embed_bytes(blobs))
+    return np.concatenate(parts)
+
+
+def run_evaluation(judged: Judgements, search: Searcher, k: int = 10, recall_ks: Sequence[int] = (1, 5, 10),
+                   depth: Optional[int] = None) -> dict:
+    """Rank every query to `depth` (default: the whole database, for exact mAP) and score it."""
+    depth = depth or len(judged.database)
+    t0 = time.time()
+    ranked = search(judged.queries, depth + (1 if judged.exclude_self else 0))
+    if judged.exclude_self:
+        ranked = [[p for p in lst if p != q][:depth] for q, lst in zip(judged.queries, ranked)]
+    result = score(judged, ranked, k, recall_ks)
+    result.update(protocol=judged.protocol, database=len(judged.database), depth=depth,
+                  seconds=round(time.time() - t0, 2), **judged.meta)
+    return result
+
+
+def model_summary(cfg: ModelConfig) -> dict:
+    """The model settings a report should name."""
+    return {"name": cfg.name, "weights": cfg.weights, "image_size": cfg.image_size, "pooling": cfg.pooling}
