@@ -65,6 +65,24 @@ def _cmd_ann(args) -> int:
     return 0
 
 
+def _cmd_edits(args) -> int:
+    from embedding.embedder import Embedder
+    from evaluation.edits import near_duplicate_recall
+    from evaluation.run import _read_csv
+
+    root = args.root or os.path.dirname(os.path.abspath(args.labels))
+    paths = [r[0] for r in _read_csv(args.labels)][:: args.every]
+    originals = []
+    for p in paths:
+        with open(os.path.join(root, p), "rb") as f:
+            originals.append(f.read())
+    emb = Embedder(load_config(args.config).model)
+    r1 = near_duplicate_recall(emb, originals, scale=args.scale, quality=args.quality, crop=args.crop)
+    print(f"near-duplicate recall@1 {r1:.4f} over {len(paths)} images "
+          f"(crop {args.crop}, scale {args.scale}, JPEG q{args.quality}, image_size {emb.cfg.image_size})")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -87,6 +105,15 @@ def main(argv=None) -> int:
     a.add_argument("--queries", type=int, default=1000)
     a.add_argument("--out", default="bench/results/ann")
     a.set_defaults(fn=_cmd_ann)
+    e = sub.add_parser("edits", help="rank-1 self retrieval of edited copies (near-duplicate robustness)")
+    e.add_argument("--labels", required=True, help="CSV whose first column lists the images")
+    e.add_argument("--root", help="folder the CSV paths are relative to (default: the CSV's folder)")
+    e.add_argument("--every", type=int, default=1, help="use every n-th image")
+    e.add_argument("--crop", type=float, default=0.05, help="fraction cropped from each side")
+    e.add_argument("--scale", type=float, default=0.5)
+    e.add_argument("--quality", type=int, default=50, help="JPEG quality of the copy")
+    e.add_argument("--config", help="YAML config (model settings)")
+    e.set_defaults(fn=_cmd_edits)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:

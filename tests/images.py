@@ -1,7 +1,6 @@
 """Test images made from the photos scikit-image ships: no download, no shared data."""
 from __future__ import annotations
 
-import io
 import os
 
 from PIL import Image
@@ -34,17 +33,3 @@ def write_corpus(root: str) -> int:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         img.save(path, "JPEG", quality=92)
     return len(imgs)
-
-
-def edited_copy(data: bytes, *, scale: float = 0.6, quality: int = 60, crop: float = 0.0) -> bytes:
-    """An upload-like edit: optional border crop (fraction per side), resize, JPEG recompression."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    if crop:
-        dx, dy = int(w * crop), int(h * crop)
-        img = img.crop((dx, dy, w - dx, h - dy))
-        w, h = img.size
-    img = img.resize((max(16, int(w * scale)), max(16, int(h * scale))), Image.BILINEAR)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()

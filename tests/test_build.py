@@ -9,7 +9,7 @@ from indexing import ShardedIndex
 from indexing.__main__ import main as indexing_main
 from indexing.ids import shard_of
 from indexing.shards import shard_ids
-from tests.images import edited_copy
+from evaluation.edits import edited_copy
 
 
 def test_vectors_flat_three_shards_equal_brute_force(ray_session, tmp_path, rng):

@@ -12,7 +12,7 @@ import yaml
 
 from indexing import ShardedIndex
 from indexing.build import arrow_to_vectors, read_embeddings
-from tests.images import edited_copy
+from evaluation.edits import edited_copy
 
 
 @pytest.fixture(scope="module")
