@@ -100,6 +100,12 @@ class ServeConfig(_Strict):
     max_batch_size: PositiveInt = Field(16, description="embedder @serve.batch size")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="embedder @serve.batch wait for a fuller batch")
     dedupe_fetch_factor: PositiveInt = Field(2, description="the ranker fetches k*factor to still return k after dropping duplicates")
+    near_duplicate_cosine: Optional[float] = Field(
+        0.97, gt=0, le=1, description="collapse results whose cosine to a better result is at least this; null: off")
+    exclude_query_image: bool = Field(False, description="default of ?exclude_self: drop results with the query's bytes")
+    write_tokens: list[str] = Field(default_factory=list, description="bearer tokens allowed to write (also env IMSEARCH_WRITE_TOKENS); none: writes refused")
+    read_tokens: list[str] = Field(default_factory=list, description="when set (or env IMSEARCH_READ_TOKENS), reads need one of these or a write token")
+    compact_after_bytes: PositiveInt = Field(64 * 1024 * 1024, description="a shard snapshots and trims its log past this size")
 
     @model_validator(mode="after")
     def _k(self):

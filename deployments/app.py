@@ -36,12 +36,20 @@ def build_app(args: dict) -> serve.Application:
         Shard.options(
             name=f"Shard{i:03d}", num_replicas=cfg.serve.shard_replicas,
             ray_actor_options={"num_cpus": cfg.serve.shard_num_cpus},
-        ).bind(index_dir, s.path, i, m.nprobe)
-        for i, s in enumerate(m.shards)
+        ).bind(index_dir, m.model_dump(), i, cfg.serve.compact_after_bytes)
+        for i in range(m.num_shards)
     ]
     router = Router.bind(shards, m.metric, cfg.serve.shard_timeout_s)
     embedder = Embedder.bind(model_cfg, cfg.decode.model_dump(), cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
-    ranker = Ranker.bind(index_dir, m.catalog)
+    ranker = Ranker.bind(cfg.serve.near_duplicate_cosine)
     info = {"version": m.version, "dim": m.dim, "metric": m.metric, "factory": m.factory, "nprobe": m.nprobe,
-            "total": m.total, "index_dir": index_dir}
-    return Ingress.bind(embedder, router, ranker, info, cfg.serve.model_dump(), cfg.decode.model_dump())
+            "index_dir": index_dir}
+    return Ingress.bind(
+        embedder, router, ranker, shards, m.slot_table, info, cfg.serve.model_dump(), cfg.decode.model_dump(),
+        cfg.serve.write_tokens + _env_list("IMSEARCH_WRITE_TOKENS"), cfg.serve.read_tokens + _env_list("IMSEARCH_READ_TOKENS"),
+    )
+
+
+def _env_list(name: str) -> list[str]:
+    """Comma-separated tokens from the environment of the process that builds the app."""
+    return [t.strip() for t in os.environ.get(name, "").split(",") if t.strip()]

@@ -122,3 +122,49 @@ def parse_vector_request(body: bytes, dim: int, max_vectors: int) -> tuple[np.nd
     if not np.isfinite(x).all():
         raise ApiError(422, "invalid_vector", "vector entries must be finite")
     return x, batched, obj
+
+
+def check_token(request: Request, allowed: frozenset[str], *, what: str) -> None:
+    """401 without `Authorization: Bearer <token>`, 403 with a token not in `allowed`."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthorized", f"{what} need an 'Authorization: Bearer <token>' header")
+    if token.strip() not in allowed:
+        raise ApiError(403, "forbidden", f"this token may not perform {what}")
+
+
+def parse_image_id(raw: str) -> int:
+    """A path id: an int64 in 0..2**63-1, else 422."""
+    try:
+        v = int(raw)
+    except ValueError:
+        v = -1
+    if not 0 <= v < 2**63:
+        raise ApiError(422, "invalid_id", f"image id must be an integer in 0..2^63-1, got {raw!r}")
+    return v
+
+
+def parse_flags(body: bytes) -> dict:
+    """{"private": bool, "unsafe": bool}, at least one of them, else 400/422."""
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict) or not obj or set(obj) - {"private", "unsafe"}:
+        raise ApiError(422, "invalid_flags", "body must be a JSON object with 'private' and/or 'unsafe'")
+    if not all(isinstance(v, bool) for v in obj.values()):
+        raise ApiError(422, "invalid_flags", "'private' and 'unsafe' must be true or false")
+    return obj
+
+
+def parse_bool(raw, default: bool, name: str) -> bool:
+    """A query-string or JSON boolean (true/false/1/0), else 422."""
+    if raw is None:
+        return default
+    if isinstance(raw, bool):
+        return raw
+    v = str(raw).lower()
+    if v not in ("true", "false", "1", "0"):
+        raise ApiError(422, f"invalid_{name}", f"{name} must be true or false, got {raw!r}")
+    return v in ("true", "1")

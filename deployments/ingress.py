@@ -2,6 +2,7 @@
 embedder, router and ranker handles."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -13,7 +14,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
 from configs.schema import DecodeConfig, ServeConfig
-from deployments.http import ApiError, parse_k, parse_nprobe, parse_vector_request, read_body, read_image
+from deployments.http import (
+    ApiError, check_token, parse_bool, parse_flags, parse_image_id, parse_k, parse_nprobe, parse_vector_request, read_body,
+    read_image,
+)
+from indexing.ids import shard_of
 
 LOG = logging.getLogger("ray.serve")
 
@@ -22,12 +27,16 @@ LOG = logging.getLogger("ray.serve")
 class Ingress:
     def __init__(
         self, embedder: DeploymentHandle, router: DeploymentHandle, ranker: DeploymentHandle,
-        index_info: dict, serve_cfg: dict, decode_cfg: dict,
+        shards: list[DeploymentHandle], slot_table: list[int], index_info: dict, serve_cfg: dict, decode_cfg: dict,
+        write_tokens: list[str], read_tokens: list[str],
     ):
-        self.embedder, self.router, self.ranker = embedder, router, ranker
-        self.info = index_info
+        self.embedder, self.router, self.ranker, self.shards = embedder, router, ranker, shards
+        self.slot_table, self.info = slot_table, index_info
         self.cfg, self.decode = ServeConfig(**serve_cfg), DecodeConfig(**decode_cfg)
+        self.write_tokens = frozenset(write_tokens)
+        self.read_tokens = frozenset(read_tokens) | self.write_tokens if read_tokens else None
         self.routes = [
+            Route("/images/{id}", self.image, methods=["GET", "PUT", "DELETE", "PATCH"]),
             Route("/search", self.search_image, methods=["POST"]),
             Route("/search/vector", self.search_vector, methods=["POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),
@@ -53,37 +62,82 @@ class Ingress:
             LOG.exception("internal error on %s", request.url.path)
             return ApiError(500, "internal", "internal error; see the service logs").response()
 
-    async def _search(self, queries: np.ndarray, k: int, nprobe) -> tuple[list[list[dict]], bool]:
-        fetch = min(k * self.cfg.dedupe_fetch_factor, self.cfg.max_k * self.cfg.dedupe_fetch_factor)
-        hits = await self.router.search.remote(queries, fetch, nprobe)
+    def _authorize_read(self, request: Request) -> None:
+        if self.read_tokens is not None:
+            check_token(request, self.read_tokens, what="searches")
+
+    def _authorize_write(self, request: Request) -> None:
+        if not self.write_tokens:
+            raise ApiError(403, "writes_disabled", "no write tokens are configured: this service is read-only")
+        check_token(request, self.write_tokens, what="writes")
+
+    async def _search(self, queries: np.ndarray, k: int, nprobe, exclude_sha256=None, dedupe=True):
+        """Router then ranker: (results per query, partial)."""
+        fetch = k * self.cfg.dedupe_fetch_factor if dedupe or exclude_sha256 else k
+        with_vectors = dedupe and self.cfg.near_duplicate_cosine is not None
+        hits = await self.router.search.remote(queries, fetch, nprobe, with_vectors)
         if "unavailable" in hits:
             raise ApiError(503, "shards_unavailable", hits["unavailable"])
-        results = await self.ranker.rank.remote(hits["scores"], hits["ids"], k)
+        results = await self.ranker.rank.remote(hits, k, exclude_sha256, dedupe)
         return results, hits["partial"]
 
-    async def search_image(self, request: Request) -> Response:
-        t0 = time.perf_counter()
-        k = parse_k(request.query_params.get("k"), self.cfg.default_k, self.cfg.max_k)
-        nprobe = parse_nprobe(request.query_params.get("nprobe"))
+    async def _embed_upload(self, request: Request) -> tuple[np.ndarray, bytes]:
         data = await read_image(request, self.decode.max_bytes)
         emb = await self.embedder.embed_image.remote(data)
         if "error" in emb:
-            status = 413 if emb["error"] == "image_too_large" else 400
-            raise ApiError(status, emb["error"], emb["message"])
+            raise ApiError(413 if emb["error"] == "image_too_large" else 400, emb["error"], emb["message"])
         if len(emb["vector"]) != self.info["dim"]:
             raise ApiError(503, "model_mismatch", f"the embedder gives dimension {len(emb['vector'])}, "
                            f"the index holds {self.info['dim']}: this index only answers /search/vector")
-        results, partial = await self._search(emb["vector"][None, :], k, nprobe)
+        return emb["vector"], data
+
+    async def search_image(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        self._authorize_read(request)
+        k = parse_k(request.query_params.get("k"), self.cfg.default_k, self.cfg.max_k)
+        nprobe = parse_nprobe(request.query_params.get("nprobe"))
+        exclude_self = parse_bool(request.query_params.get("exclude_self"), self.cfg.exclude_query_image, "exclude_self")
+        dedupe = parse_bool(request.query_params.get("dedupe"), True, "dedupe")
+        vector, data = await self._embed_upload(request)
+        own = hashlib.sha256(data).hexdigest() if exclude_self else None
+        results, partial = await self._search(vector[None, :], k, nprobe, own, dedupe)
         return JSONResponse({"results": results[0], "partial": partial, "took_ms": _ms(t0)})
 
     async def search_vector(self, request: Request) -> Response:
         t0 = time.perf_counter()
+        self._authorize_read(request)
         body = await read_body(request, self.decode.max_bytes)
         x, batched, obj = parse_vector_request(body, self.info["dim"], self.cfg.max_vectors_per_request)
         k = parse_k(obj.get("k", request.query_params.get("k")), self.cfg.default_k, self.cfg.max_k)
         nprobe = parse_nprobe(obj.get("nprobe", request.query_params.get("nprobe")))
-        results, partial = await self._search(x, k, nprobe)
+        dedupe = parse_bool(obj.get("dedupe", request.query_params.get("dedupe")), True, "dedupe")
+        results, partial = await self._search(x, k, nprobe, None, dedupe)
         return JSONResponse({"results": results if batched else results[0], "partial": partial, "took_ms": _ms(t0)})
+
+    async def image(self, request: Request) -> Response:
+        """GET (metadata), PUT (add or replace), DELETE and PATCH (flags) of one image id."""
+        id_ = parse_image_id(request.path_params["id"])
+        shard = self.shards[int(shard_of([id_], self.slot_table)[0])]
+        if request.method == "GET":
+            self._authorize_read(request)
+            meta = await shard.get.remote(id_)
+            if meta is None:
+                raise ApiError(404, "not_found", f"no image {id_}")
+            return JSONResponse(meta)
+        self._authorize_write(request)
+        if request.method == "PUT":
+            vector, data = await self._embed_upload(request)
+            uri = request.query_params.get("uri", "")
+            existed = await shard.write.remote("upsert", id_, vector, uri, hashlib.sha256(data).hexdigest())
+            return JSONResponse({"id": id_, "created": not existed}, status_code=200 if existed else 201)
+        if request.method == "DELETE":
+            if not await shard.write.remote("delete", id_):
+                raise ApiError(404, "not_found", f"no image {id_}")
+            return JSONResponse({"id": id_, "deleted": True})
+        flags = parse_flags(await read_body(request, 4096))
+        if not await shard.write.remote("flags", id_, None, "", "", flags.get("private"), flags.get("unsafe")):
+            raise ApiError(404, "not_found", f"no image {id_}")
+        return JSONResponse({"id": id_, **flags})
 
     async def healthz(self, request: Request) -> Response:
         infos = await self.router.shard_info.remote()
@@ -93,8 +147,11 @@ class Ingress:
 
     async def stats(self, request: Request) -> Response:
         infos = await self.router.shard_info.remote()
-        shards = [{"shard": i, "loaded": s is not None, "count": (s or {}).get("count")} for i, s in enumerate(infos)]
-        return JSONResponse({**self.info, "shards": shards})
+        total = sum(s["count"] for s in infos) if all(infos) else None
+        shards = [{"shard": i, "loaded": s is not None, "count": (s or {}).get("count"),
+                   "generation": (s or {}).get("generation"), "log_bytes": (s or {}).get("log_bytes")}
+                  for i, s in enumerate(infos)]
+        return JSONResponse({**self.info, "total": total, "shards": shards})
 
 
 def _ms(t0: float) -> float:

@@ -27,9 +27,10 @@ class Router:
             response.cancel()
             raise
 
-    async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None) -> dict:
-        """{"scores", "ids", "partial", "shards_ok"}, or {"unavailable": reason} when no shard answers."""
-        calls = [self._call(h, "search", queries, k, nprobe) for h in self.shards]
+    async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None, with_vectors: bool = False) -> dict:
+        """{"scores", "ids", "meta", "vectors", "partial", "shards_ok"}, or {"unavailable": reason}
+        when no shard answers."""
+        calls = [self._call(h, "search", queries, k, nprobe, with_vectors) for h in self.shards]
         answers = await asyncio.gather(*calls, return_exceptions=True)
         ok = [a for a in answers if not isinstance(a, BaseException)]
         for i, a in enumerate(answers):
@@ -37,8 +38,11 @@ class Router:
                 LOG.warning("shard %d left out: %s", i, type(a).__name__)
         if not ok:
             return {"unavailable": f"none of {len(self.shards)} shards answered within {self.timeout_s} s"}
-        D, I = merge_topk(ok, k, self.metric)
-        return {"scores": D, "ids": I, "partial": len(ok) < len(self.shards), "shards_ok": len(ok)}
+        D, I = merge_topk([(a["D"], a["I"]) for a in ok], k, self.metric)
+        meta = {i: m for a in ok for i, m in a["meta"].items()}
+        vectors = {i: v for a in ok for i, v in (a["vectors"] or {}).items()} if with_vectors else None
+        return {"scores": D, "ids": I, "meta": meta, "vectors": vectors, "partial": len(ok) < len(self.shards),
+                "shards_ok": len(ok)}
 
     async def shard_info(self) -> list[Optional[dict]]:
         """Each shard's info, or None for a shard that does not answer in time."""

@@ -1,4 +1,7 @@
-"""Shard deployment: one FAISS shard in memory; each replica of it is a full copy (replication)."""
+"""Shard deployment: one shard in memory, kept current from its write-ahead log.
+
+Each replica is a full copy (replication); any replica takes a write, the others apply it from
+the shared log before their next search."""
 from __future__ import annotations
 
 import asyncio
@@ -9,25 +12,37 @@ from typing import Optional
 import numpy as np
 from ray import serve
 
-from indexing import storage
-from indexing.shards import read_index, search_shard
+from indexing.live import LiveShard
+from indexing.manifest import Manifest
+from indexing.wal import Record
 
 LOG = logging.getLogger("ray.serve")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32, health_check_period_s=2)
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32, health_check_period_s=2)
 class Shard:
-    """Loads `path` of the index directory once and answers searches with per-call parameters."""
+    def __init__(self, index_dir: str, manifest: dict, shard_no: int, compact_after_bytes: int):
+        self.shard = LiveShard(index_dir, Manifest.model_validate(manifest), shard_no)
+        self.shard_no, self.nprobe, self.compact_after_bytes = shard_no, manifest["nprobe"], compact_after_bytes
+        LOG.info("shard %d loaded: %d vectors", shard_no, self.shard.ntotal)
 
-    def __init__(self, index_dir: str, path: str, shard_no: int, nprobe: int):
-        self.shard_no, self.nprobe = shard_no, nprobe
-        self.index = read_index(storage.join(index_dir, path))
-        LOG.info("shard %d loaded %s: %d vectors", shard_no, path, self.index.ntotal)
+    async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None, with_vectors: bool = False) -> dict:
+        """{"D", "I", "meta", "vectors"}; faiss releases the GIL, so it runs in a worker thread."""
+        return await asyncio.to_thread(self.shard.search, queries, k, nprobe or self.nprobe, with_vectors)
 
-    async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-        """(D, I) of this shard; faiss releases the GIL, so the search runs in a worker thread."""
-        return await asyncio.to_thread(search_shard, self.index, queries, k, nprobe or self.nprobe)
+    async def write(self, op: str, id_: int, vector: Optional[np.ndarray] = None, uri: str = "", sha256: str = "",
+                    private: Optional[bool] = None, unsafe: Optional[bool] = None) -> bool:
+        """Log (fsync) and apply a write; True when the id existed. Compacts past the size limit."""
+        rec = Record(op, id_, vector, uri, sha256, private, unsafe)
+        existed = await asyncio.to_thread(self.shard.write, rec)
+        if self.shard.log_bytes() > self.compact_after_bytes:
+            await asyncio.to_thread(self.shard.compact)
+        return existed
+
+    async def get(self, id_: int) -> Optional[dict]:
+        return await asyncio.to_thread(self.shard.get, id_)
 
     def info(self) -> dict:
         """Count of this shard and which replica process answered (for operators and failure drills)."""
-        return {"shard": self.shard_no, "count": int(self.index.ntotal), "pid": os.getpid()}
+        return {"shard": self.shard_no, "count": self.shard.ntotal, "pid": os.getpid(),
+                "generation": self.shard.generation, "log_bytes": self.shard.log_bytes()}

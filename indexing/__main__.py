@@ -1,4 +1,4 @@
-"""`python -m indexing VERB`: build, demo-images."""
+"""`python -m indexing VERB`: build, ingest, rebalance, demo-images."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,37 @@ def _cmd_build(args) -> int:
         _init_ray(args.address)
         summary = build_from_images(args.images, args.index_dir, cfg, args.shards, args.factory)
     print(summary.line(), flush=True)
+    return 0
+
+
+def _cmd_ingest(args) -> int:
+    import os
+
+    from indexing.ingest import ingest
+
+    token = args.token or os.environ.get("IMSEARCH_TOKEN")
+    if not token:
+        raise UsageError("a write token is needed: --token or the environment variable IMSEARCH_TOKEN")
+    cfg = load_config(args.config)
+    import httpx
+
+    try:
+        summary = ingest(args.images, args.url, token, cfg.build.extensions, args.concurrency)
+    except httpx.HTTPError as e:
+        raise UsageError(f"cannot talk to the service at {args.url}: {e}") from None
+    print(summary.line(), flush=True)
+    return 0 if summary.failed == 0 else 1
+
+
+def _cmd_rebalance(args) -> int:
+    from indexing.rebalance import rebalance
+
+    if args.shards < 1:
+        raise UsageError(f"--shards must be >= 1, got {args.shards}")
+    _init_ray(args.address)
+    m = rebalance(args.index_dir, args.shards)
+    sizes = [s.count for s in m.shards]
+    print(f"version {m.version}: {m.total} vectors over {m.num_shards} shards, sizes {sizes}", flush=True)
     return 0
 
 
@@ -78,6 +109,18 @@ def main(argv=None) -> int:
     b.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     b.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     b.set_defaults(fn=_cmd_build)
+    g = sub.add_parser("ingest", help="send new images to a running service through its write API")
+    g.add_argument("--images", required=True, help="folder or URI prefix of new images")
+    g.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
+    g.add_argument("--token", help="write token (default: env IMSEARCH_TOKEN)")
+    g.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    g.add_argument("--config", help="YAML config (image file endings)")
+    g.set_defaults(fn=_cmd_ingest)
+    r = sub.add_parser("rebalance", help="redistribute the vectors over M shards (no re-embedding)")
+    r.add_argument("--index-dir", required=True)
+    r.add_argument("--shards", type=int, required=True)
+    r.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    r.set_defaults(fn=_cmd_rebalance)
     d = sub.add_parser("demo-images", help="write the demo corpus (scikit-image photos + variants)")
     d.add_argument("--out", required=True)
     d.add_argument("--originals-only", action="store_true")
@@ -89,7 +132,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError, PermissionError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

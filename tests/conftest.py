@@ -45,6 +45,9 @@ def rng():
     return np.random.default_rng(int(os.environ.get("TEST_SEED", "0")))
 
 
+WRITE_TOKEN = "test-writer-token"
+
+
 def free_port() -> int:
     import socket
 
@@ -72,6 +75,7 @@ def service(ray_session, image_index_dir):
     from deployments.__main__ import DEFAULT_SERVE_CONFIG, deploy, load_serve_config, wait_healthy
 
     cfg = load_serve_config(str(DEFAULT_SERVE_CONFIG), str(image_index_dir), None, free_port())
+    cfg["applications"][0]["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN]}}
     url = deploy(cfg)
     assert wait_healthy(url, 180), "service did not become healthy"
     yield url

@@ -1,0 +1,84 @@
+"""Capacity plan for a corpus: shards, memory, nodes and GPUs.
+
+Formulas (all sizes in bytes, GiB = 2**30):
+  bytes_per_vector   = code_bytes + id_bytes + ivf_overhead_bytes
+  index_bytes        = images * bytes_per_vector                      (one copy)
+  shards             = ceil(index_bytes / (max_shard_gib * GiB))
+  vectors_per_shard  = ceil(images / shards);  shard_bytes = vectors_per_shard * bytes_per_vector
+  replicas           = max(replication, ceil(target_qps / shard_replica_qps))
+                       (every query visits every shard, so each shard must carry the full QPS)
+  memory_bytes       = index_bytes * replicas
+  shards_per_node    = floor(node_memory_gib * GiB * memory_headroom / shard_bytes)
+  shard_nodes        = ceil(shards * replicas / shards_per_node)
+  serving_gpus       = ceil(target_qps / gpu_images_per_s)           (one embedding per query)
+  reindex_gpus       = ceil(images / (gpu_images_per_s * reindex_hours * 3600))
+"""
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+
+GIB = 2**30
+
+
+class PlanInput(BaseModel):
+    images: PositiveInt = Field(description="vectors to serve")
+    dim: PositiveInt = Field(1280, description="embedding dimension")
+    code_bytes: PositiveInt | None = Field(None, description="bytes per code; default dim (SQ8)")
+    id_bytes: PositiveInt = Field(8, description="int64 id stored with each code")
+    ivf_overhead_bytes: float = Field(0.0, ge=0, description="per-vector overhead of the index structures")
+    replication: PositiveInt = Field(2, description="copies of every shard, for availability")
+    node_memory_gib: PositiveFloat = Field(512, description="memory of one shard node")
+    memory_headroom: float = Field(0.75, gt=0, le=1, description="fraction of node memory shards may use")
+    max_shard_gib: PositiveFloat = Field(64, description="largest shard (bounds load and rebalance time)")
+    target_qps: PositiveFloat = Field(1000, description="queries per second to sustain")
+    shard_replica_qps: PositiveFloat = Field(500, description="queries per second one shard replica answers")
+    gpu_images_per_s: PositiveFloat = Field(2000, description="embedding throughput of one GPU")
+    reindex_hours: PositiveFloat = Field(72, description="wall-clock budget for a full re-embed")
+
+
+def make_plan(p: PlanInput) -> dict:
+    """Apply the module formulas; returns every intermediate quantity."""
+    code = p.code_bytes or p.dim
+    bpv = code + p.id_bytes + p.ivf_overhead_bytes
+    index_bytes = p.images * bpv
+    shards = max(1, math.ceil(index_bytes / (p.max_shard_gib * GIB)))
+    vps = math.ceil(p.images / shards)
+    shard_bytes = vps * bpv
+    replicas = max(p.replication, math.ceil(p.target_qps / p.shard_replica_qps))
+    per_node = math.floor(p.node_memory_gib * GIB * p.memory_headroom / shard_bytes)
+    if per_node < 1:
+        raise ValueError(f"a {shard_bytes / GIB:.1f} GiB shard does not fit a node's usable "
+                         f"{p.node_memory_gib * p.memory_headroom:.1f} GiB: lower max_shard_gib")
+    return {
+        "bytes_per_vector": bpv,
+        "index_bytes": index_bytes,
+        "shards": shards,
+        "vectors_per_shard": vps,
+        "shard_bytes": shard_bytes,
+        "replicas_per_shard": replicas,
+        "memory_bytes": index_bytes * replicas,
+        "shards_per_node": per_node,
+        "shard_nodes": math.ceil(shards * replicas / per_node),
+        "serving_gpus": math.ceil(p.target_qps / p.gpu_images_per_s),
+        "reindex_gpus": math.ceil(p.images / (p.gpu_images_per_s * p.reindex_hours * 3600)),
+    }
+
+
+def format_plan(p: PlanInput, plan: dict) -> str:
+    """Human-readable plan."""
+    tib = 2**40
+    return "\n".join([
+        f"corpus            {p.images:,} images, dim {p.dim}, {plan['bytes_per_vector']:.0f} B/vector",
+        f"index (1 copy)    {plan['index_bytes'] / tib:,.2f} TiB",
+        f"shards            {plan['shards']:,} x {plan['vectors_per_shard']:,} vectors "
+        f"({plan['shard_bytes'] / GIB:,.1f} GiB each)",
+        f"replicas/shard    {plan['replicas_per_shard']} (replication {p.replication}, "
+        f"QPS {p.target_qps:,.0f} / {p.shard_replica_qps:,.0f} per replica)",
+        f"memory, all       {plan['memory_bytes'] / tib:,.2f} TiB",
+        f"shard nodes       {plan['shard_nodes']:,} ({plan['shards_per_node']} shards per "
+        f"{p.node_memory_gib:,.0f} GiB node at {p.memory_headroom:.0%})",
+        f"serving GPUs      {plan['serving_gpus']:,} (at {p.gpu_images_per_s:,.0f} images/s per GPU)",
+        f"re-index GPUs     {plan['reindex_gpus']:,} (full re-embed in {p.reindex_hours:g} h)",
+    ])

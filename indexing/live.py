@@ -1,0 +1,204 @@
+"""A shard that takes writes: snapshot + write-ahead log, visibility flags, compaction.
+
+State on disk, per manifest version and shard, in `DIR/live/vN/`:
+  shard-000.json        the current generation: {"generation", "index", "meta", "log"}
+  shard-000.gG.faiss    snapshot index of generation G (G = 0 is the build's shard file)
+  shard-000.gG.parquet  snapshot metadata: id, uri, sha256, private, unsafe
+  shard-000.gG.wal      writes since that snapshot
+  shard-000.lock        serialises appends and compaction across replicas
+Every replica tails the current log before each search, so once one replica acknowledges a
+write (fsynced and applied), every replica applies it before answering any later query.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import threading
+from typing import Optional
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from indexing import storage, wal
+from indexing.catalog import Catalog
+from indexing.ids import shard_of
+from indexing.manifest import Manifest
+from indexing.shards import add_to_shard, read_index, search_shard, serialize
+
+LOG = logging.getLogger(__name__)
+
+
+class LiveShard:
+    """One replica's in-memory copy of a shard, kept current from the shard's log."""
+
+    def __init__(self, index_dir: str, manifest: Manifest, shard_no: int):
+        self.root, self.manifest, self.shard_no = index_dir, manifest, shard_no
+        self.name = f"shard-{shard_no:03d}"
+        self._mutex = threading.RLock()
+        if not storage.is_local(index_dir):
+            # Object stores cannot append or lock: such an index is served read-only.
+            self.live = None
+            self._load()
+            return
+        self.root = storage.resolve(index_dir)[1]
+        self.live = os.path.join(self.root, "live", f"v{manifest.version}")
+        os.makedirs(self.live, exist_ok=True)
+        with wal.locked(self._path("lock")):
+            if not os.path.exists(self._path("json")):
+                self._write_state({"generation": 0, "index": manifest.shards[shard_no].path, "meta": None,
+                                   "log": f"{self.name}.g0.wal"})
+            self._load()
+
+    # ------------------------------------------------------------------ files
+
+    def _path(self, ext: str) -> str:
+        return os.path.join(self.live, f"{self.name}.{ext}")
+
+    def _write_state(self, state: dict) -> None:
+        storage.write_bytes_atomic(self._path("json"), json.dumps(state).encode())
+
+    def _read_state(self) -> dict:
+        if self.live is None:
+            return {"generation": 0, "index": self.manifest.shards[self.shard_no].path, "meta": None, "log": None}
+        with open(self._path("json")) as f:
+            return json.load(f)
+
+    def _load(self) -> None:
+        """Load the snapshot the state file names and replay its log."""
+        state = self._read_state()
+        # Generation 0 is the build's shard file (relative to the index dir); later ones live here.
+        index = read_index(storage.join(self.live if state["meta"] else self.root, state["index"]))
+        if isinstance(index, faiss.IndexIVF):
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove and reconstruct by id
+        self.index = index
+        self.meta = self._load_meta(state)
+        self.hidden = {i for i, m in self.meta.items() if m[2] or m[3]}
+        self._hidden_arr: Optional[np.ndarray] = None
+        self.generation, self.log_name, self.offset = state["generation"], state["log"], 0
+        self.sync()
+
+    def _load_meta(self, state: dict) -> dict[int, list]:
+        """id -> [uri, sha256, private, unsafe]; generation 0 takes this shard's rows of the catalog."""
+        if state["meta"]:
+            t = pq.read_table(os.path.join(self.live, state["meta"])).to_pydict()
+            return {i: [u, h, p, s] for i, u, h, p, s in
+                    zip(t["id"], t["uri"], t["sha256"], t["private"], t["unsafe"])}
+        cat = Catalog.load(self.root, self.manifest.catalog)
+        mine = shard_of(cat.ids, self.manifest.slot_table) == self.shard_no
+        return {int(i): [u, h, bool(p), bool(x)] for i, u, h, p, x in
+                zip(cat.ids[mine], cat.uris[mine], cat.sha256[mine], cat.private[mine], cat.unsafe[mine])}
+
+    # ------------------------------------------------------------------ applying writes
+
+    def sync(self) -> None:
+        """Apply records appended since the last sync; follow a compaction to the new log."""
+        if self.live is None:
+            return
+        with self._mutex:
+            records, self.offset = wal.read_from(os.path.join(self.live, self.log_name), self.offset)
+            for r in records:
+                self._apply(r)
+            if self._read_state()["generation"] != self.generation:
+                # Another replica compacted: its snapshot holds every logged write, so reload it.
+                self._load()
+
+    def _apply(self, r: wal.Record) -> None:
+        ids = np.array([r.id], dtype=np.int64)
+        if r.op == "upsert":
+            old = self.meta.get(r.id)
+            if old is not None:
+                self.index.remove_ids(ids)
+            add_to_shard(self.index, ids, r.vector[None, :])
+            flags = old[2:] if old else [False, False]
+            self.meta[r.id] = [r.uri, r.sha256, *flags]
+        elif r.op == "delete":
+            if r.id in self.meta:
+                self.index.remove_ids(ids)
+                del self.meta[r.id]
+                self.hidden.discard(r.id)
+        elif r.op == "flags" and r.id in self.meta:
+            m = self.meta[r.id]
+            if r.private is not None:
+                m[2] = bool(r.private)
+            if r.unsafe is not None:
+                m[3] = bool(r.unsafe)
+            (self.hidden.add if m[2] or m[3] else self.hidden.discard)(r.id)
+        self._hidden_arr = None
+
+    def write(self, record: wal.Record) -> bool:
+        """Durably log and apply one write; returns whether the id existed before it."""
+        if self.live is None:
+            raise PermissionError(f"index {self.root} is on an object store and is served read-only")
+        with self._mutex:
+            with wal.locked(self._path("lock")):
+                self.sync()  # the state before this write, including other replicas' writes
+                existed = record.id in self.meta
+                if record.op != "upsert" and not existed:
+                    return False
+                log = os.path.join(self.live, self.log_name)
+                wal.append(log, [record])
+            self.sync()
+            return existed
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, id_: int) -> Optional[dict]:
+        """Metadata of an id in this shard, or None."""
+        self.sync()
+        m = self.meta.get(int(id_))
+        return None if m is None else {"id": int(id_), "uri": m[0], "sha256": m[1], "private": m[2], "unsafe": m[3]}
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int, with_vectors: bool = False) -> dict:
+        """(D, I) with flagged ids filtered inside the search, plus uri/sha256 (and vectors) of hits."""
+        self.sync()
+        with self._mutex:
+            if self._hidden_arr is None:
+                self._hidden_arr = np.fromiter(self.hidden, dtype=np.int64, count=len(self.hidden))
+            D, I = search_shard(self.index, queries, k, nprobe, exclude=self._hidden_arr)
+            hits = {int(i): self.meta.get(int(i), ["", "", False, False])[:2] for i in np.unique(I) if i >= 0}
+            vectors = {i: self.index.reconstruct(i) for i in hits} if with_vectors else None
+        return {"D": D, "I": I, "meta": hits, "vectors": vectors}
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    # ------------------------------------------------------------------ compaction
+
+    def log_bytes(self) -> int:
+        if self.live is None:
+            return 0
+        try:
+            return os.path.getsize(os.path.join(self.live, self.log_name))
+        except FileNotFoundError:
+            return 0
+
+    def compact(self) -> int:
+        """Write a new snapshot of the current state and start an empty log; returns the generation."""
+        with self._mutex, wal.locked(self._path("lock")):
+            self.sync()
+            g = self.generation + 1
+            storage.write_bytes_atomic(self._path(f"g{g}.faiss"), serialize(self.index))
+            ids = list(self.meta)
+            cols = list(zip(*self.meta.values())) if ids else [[], [], [], []]
+            table = pa.table({"id": pa.array(ids, pa.int64()), "uri": pa.array(cols[0], pa.string()),
+                              "sha256": pa.array(cols[1], pa.string()), "private": pa.array(cols[2], pa.bool_()),
+                              "unsafe": pa.array(cols[3], pa.bool_())})
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
+            storage.write_bytes_atomic(self._path(f"g{g}.parquet"), buf.getvalue())
+            self._write_state({"generation": g, "index": f"{self.name}.g{g}.faiss",
+                               "meta": f"{self.name}.g{g}.parquet", "log": f"{self.name}.g{g}.wal"})
+            self.generation, self.log_name, self.offset = g, f"{self.name}.g{g}.wal", 0
+            # Generation g-1 stays for replicas that are loading it right now; g-2 is unused.
+            for ext in ("faiss", "parquet", "wal"):
+                try:
+                    os.remove(self._path(f"g{g - 2}.{ext}"))
+                except FileNotFoundError:
+                    pass
+            LOG.info("%s compacted to generation %d (%d vectors)", self.name, g, self.index.ntotal)
+            return g

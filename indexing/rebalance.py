@@ -1,0 +1,124 @@
+"""Rebalancing: move whole slots between shards, copying codes as they are (no re-embedding).
+
+Every shard is a copy of one trained template, so an IVF code moves by copying its inverted-list
+entry (list number, id, code bytes) into the new shard. The new shards, catalog and manifest are
+a new version; the old version stays readable until the new manifest is published.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from indexing import storage
+from indexing.build import versioned
+from indexing.ids import shard_of, slot_of
+from indexing.live import LiveShard
+from indexing.manifest import Manifest, ShardEntry, publish_manifest, read_manifest
+from indexing.shards import read_index, write_index
+
+LOG = logging.getLogger(__name__)
+
+
+def plan_rebalance(slot_counts: np.ndarray, old_table: list[int], num_shards: int, tolerance: float = 0.05) -> list[int]:
+    """A slot table over `num_shards` that moves few slots and leaves shard sizes within `tolerance`.
+
+    Slots keep their shard when it survives; slots of removed shards go to the lightest shard,
+    biggest first; then slots move from the heaviest to the lightest shard while that narrows the gap.
+    """
+    counts = np.asarray(slot_counts, dtype=np.int64)
+    table = np.array([s if s < num_shards else -1 for s in old_table], dtype=np.int64)
+    loads = np.bincount(table[table >= 0], weights=counts[table >= 0], minlength=num_shards).astype(np.int64)
+    for s in sorted(np.flatnonzero(table < 0), key=lambda s: -counts[s]):
+        j = int(np.argmin(loads))
+        table[s], loads[j] = j, loads[j] + counts[s]
+    target = counts.sum() / num_shards
+    for _ in range(len(table)):
+        hi, lo = int(np.argmax(loads)), int(np.argmin(loads))
+        gap = loads[hi] - loads[lo]
+        if gap <= tolerance * target:
+            break
+        candidates = np.flatnonzero((table == hi) & (counts > 0) & (counts < gap))
+        if not len(candidates):
+            break
+        best = candidates[np.argmin(np.abs(counts[candidates] - gap / 2))]  # halves the gap
+        table[best], loads[hi], loads[lo] = lo, loads[hi] - counts[best], loads[lo] + counts[best]
+    return table.tolist()
+
+
+def _extract(index: faiss.Index, keep: np.ndarray):
+    """Entries of `index` whose id is in `keep`: (list_no, ids, codes) per IVF list, or (ids, vectors)."""
+    if isinstance(index, faiss.IndexIVF):
+        inv = index.invlists
+        out = []
+        for l in range(index.nlist):
+            n = inv.list_size(l)
+            if not n:
+                continue
+            ids = faiss.rev_swig_ptr(inv.get_ids(l), n).copy()
+            mask = np.isin(ids, keep)
+            if mask.any():
+                codes = faiss.rev_swig_ptr(inv.get_codes(l), n * inv.code_size).copy().reshape(n, inv.code_size)
+                out.append((l, ids[mask], np.ascontiguousarray(codes[mask])))
+        return out
+    sel = keep[np.isin(keep, faiss.vector_to_array(faiss.downcast_index(index).id_map))]
+    return [(-1, sel, np.stack([index.reconstruct(int(i)) for i in sel]) if len(sel) else None)]
+
+
+def fill_rebalanced_shard(index_dir: str, old: dict, template: str, new_table: list[int], shard: int, out_uri: str) -> int:
+    """Build new shard `shard` from every old shard's current state (snapshot + log)."""
+    m = Manifest.model_validate(old)
+    new = read_index(storage.join(index_dir, template))
+    for s in range(m.num_shards):
+        live = LiveShard(index_dir, m, s)
+        ids = np.fromiter(live.meta, dtype=np.int64, count=len(live.meta))
+        keep = ids[shard_of(ids, new_table) == shard]
+        for l, got_ids, payload in _extract(live.index, keep):
+            if l < 0:
+                if len(got_ids):
+                    new.add_with_ids(payload, got_ids)
+            else:
+                new.invlists.add_entries(l, len(got_ids), faiss.swig_ptr(got_ids), faiss.swig_ptr(payload))
+                new.ntotal += len(got_ids)
+    write_index(new, out_uri)
+    return int(new.ntotal)
+
+
+def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05) -> Manifest:
+    """Redistribute the current version's vectors over `num_shards` shards as a new version."""
+    import ray
+
+    t0 = time.time()
+    m = read_manifest(index_dir)
+    metas = [LiveShard(index_dir, m, s).meta for s in range(m.num_shards)]
+    ids = np.fromiter((i for meta in metas for i in meta), dtype=np.int64)
+    counts = np.bincount(slot_of(ids, m.num_slots), minlength=m.num_slots)
+    table = plan_rebalance(counts, m.slot_table, num_shards, tolerance)
+    version = m.version + 1
+    names = [versioned(f"shard-{i:03d}.faiss", version) for i in range(num_shards)]
+    task = ray.remote(num_cpus=0.5)(fill_rebalanced_shard)
+    sizes = ray.get([task.remote(index_dir, m.model_dump(), m.template, table, i, storage.join(index_dir, names[i]))
+                     for i in range(num_shards)])
+    catalog = versioned("catalog.parquet", version)
+    rows = [(i, *meta[i]) for meta in metas for i in meta]
+    table_pa = pa.table({
+        "id": pa.array([r[0] for r in rows], pa.int64()), "uri": pa.array([r[1] for r in rows], pa.string()),
+        "sha256": pa.array([r[2] for r in rows], pa.string()), "private": pa.array([r[3] for r in rows], pa.bool_()),
+        "unsafe": pa.array([r[4] for r in rows], pa.bool_()),
+    }).sort_by("id")
+    buf = io.BytesIO()
+    pq.write_table(table_pa, buf)
+    storage.write_bytes_atomic(storage.join(index_dir, catalog), buf.getvalue())
+    new = m.model_copy(update=dict(
+        version=version, created_at=time.time(), total=int(sum(sizes)), slot_table=table, catalog=catalog,
+        shards=[ShardEntry(path=p, count=c) for p, c in zip(names, sizes)],
+    ))
+    new = Manifest.model_validate(new.model_dump())
+    publish_manifest(index_dir, new)
+    LOG.info("rebalanced %d -> %d shards in %.1f s: sizes %s", m.num_shards, num_shards, time.time() - t0, sizes)
+    return new

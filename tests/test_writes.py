@@ -1,0 +1,177 @@
+"""Continuous indexing over real HTTP: tokens, upserts, deletes, flags, durability, concurrency, ingest."""
+import io
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexing.__main__ import main as indexing_main
+from indexing.build import arrow_to_vectors, read_embeddings
+from indexing.ids import shard_of
+from indexing.manifest import read_manifest
+from tests.conftest import WRITE_TOKEN
+
+AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with httpx.Client(base_url=service, timeout=60) as c:
+        yield c
+
+
+def picture(seed: int) -> bytes:
+    """A distinct synthetic photo: smooth random colour field plus shapes."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((192, 192), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def put(client, id_, data, **params):
+    return client.put(f"/images/{id_}", content=data, params=params,
+                      headers={**AUTH, "content-type": "image/jpeg"})
+
+
+def top_ids(client, data, k=5):
+    r = client.post(f"/search?k={k}&dedupe=false", content=data, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    return [h["id"] for h in r.json()["results"]]
+
+
+@pytest.mark.parametrize("method", ["put", "delete", "patch"])
+def test_write_tokens(client, method):
+    call = getattr(client, method)
+    kw = {"content": picture(1)} if method != "delete" else {}
+    if method == "patch":
+        kw = {"json": {"private": True}}
+    assert call("/images/77", **kw).status_code == 401
+    r = call("/images/77", headers={"authorization": "Bearer wrong"}, **kw)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert client.post("/search/vector", json={"vector": [0.0] * 1280}).status_code == 200  # reads stay open
+
+
+def test_upsert_replace_delete(client):
+    id_, a, b = 9_000_000_001, picture(11), picture(12)
+    r = put(client, id_, a, uri="mem://a")
+    assert r.status_code == 201 and r.json()["created"] is True
+    assert top_ids(client, a)[0] == id_
+    assert client.get(f"/images/{id_}").json()["uri"] == "mem://a"
+    r = put(client, id_, b, uri="mem://b")
+    assert r.status_code == 200 and r.json()["created"] is False
+    assert top_ids(client, b)[0] == id_ and top_ids(client, a).count(id_) <= 1
+    assert client.delete(f"/images/{id_}", headers=AUTH).status_code == 200
+    assert id_ not in top_ids(client, b, k=50)
+    assert client.delete(f"/images/{id_}", headers=AUTH).status_code == 404
+    assert client.get(f"/images/{id_}").status_code == 404
+    assert client.patch(f"/images/{id_}", json={"private": True}, headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize("body,status", [(b"{", 400), (b'{"private": "yes"}', 422), (b'{"colour": 1}', 422)])
+def test_bad_flag_bodies(client, image_index_dir, body, status):
+    any_id = read_embeddings(str(image_index_dir / "embeddings"), columns=["id"]).column("id")[0].as_py()
+    r = client.patch(f"/images/{any_id}", content=body, headers=AUTH)
+    assert r.status_code == status and "error" in r.json()
+    assert client.put("/images/-3", content=picture(1), headers=AUTH).status_code == 422
+
+
+def test_flagged_images_never_appear(client, image_index_dir):
+    """Property: over random flag assignments and random queries, no flagged id is ever returned,
+    and queries still get k results."""
+    t = read_embeddings(str(image_index_dir / "embeddings"))
+    ids, x = t.column("id").to_numpy(), arrow_to_vectors(t.column("embedding"))
+    rng = np.random.default_rng(7)
+    flagged: set[int] = set()
+    try:
+        for round_ in range(4):
+            for i in rng.choice(ids, 12, replace=False).tolist():
+                flag = ["private", "unsafe"][round_ % 2]
+                on = bool(rng.integers(0, 2)) or i not in flagged
+                assert client.patch(f"/images/{i}", json={flag: on}, headers=AUTH).status_code == 200
+                flagged.add(i) if on else None
+            # Recompute the truth from the service itself (flags of both kinds accumulate).
+            hidden = {i for i in flagged if (lambda m: m["private"] or m["unsafe"])(client.get(f"/images/{i}").json())}
+            q = np.concatenate([x[rng.choice(len(x), 6)], rng.normal(size=(4, x.shape[1])).astype(np.float32)])
+            k = 20
+            res = client.post("/search/vector", json={"vectors": q.tolist(), "k": k, "dedupe": False}).json()
+            for row in res["results"]:
+                got = {h["id"] for h in row}
+                assert not got & hidden
+                assert len(row) == min(k, len(ids) - len(hidden))
+    finally:
+        for i in flagged:
+            client.patch(f"/images/{i}", json={"private": False, "unsafe": False}, headers=AUTH)
+
+
+def test_acknowledged_writes_survive_sigkill(client, image_index_dir):
+    from ray import serve
+
+    m = read_manifest(str(image_index_dir))
+    mine = [i for i in range(9_100_000_000, 9_100_000_400) if shard_of([i], m.slot_table)[0] == 2][:8]
+    before = client.get("/stats").json()["shards"][2]["count"]
+    for n, i in enumerate(mine):
+        assert put(client, i, picture(100 + n), uri=f"mem://{i}").status_code == 201
+    handle = serve.get_deployment_handle("Shard002", app_name="imsearch")
+    pid = handle.info.remote().result()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            info = handle.info.remote().result(timeout_s=10)
+            if info["pid"] != pid:
+                break
+        except Exception:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("Shard002 was not restarted")
+    assert info["count"] == before + len(mine)  # every acknowledged write, nothing else
+    for n, i in enumerate(mine):
+        assert client.get(f"/images/{i}").json()["uri"] == f"mem://{i}"
+        assert top_ids(client, picture(100 + n), k=1) == [i]
+    for i in mine:
+        assert client.delete(f"/images/{i}", headers=AUTH).status_code == 200
+
+
+def test_concurrent_writes_and_reads(client, service):
+    ids = list(range(9_200_000_000, 9_200_000_024))
+
+    def writer(i):
+        with httpx.Client(base_url=service, timeout=60) as c:
+            return put(c, i, picture(i % 1000), uri=f"mem://{i}").status_code
+
+    def reader(n):
+        with httpx.Client(base_url=service, timeout=60) as c:
+            return c.post("/search?k=5", content=picture(5000 + n), headers={"content-type": "image/jpeg"}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        w = pool.map(writer, ids)
+        r = pool.map(reader, range(16))
+        assert set(w) == {201} and set(r) == {200}
+    for i in ids:
+        assert client.get(f"/images/{i}").status_code == 200
+        assert client.delete(f"/images/{i}", headers=AUTH).status_code == 200
+
+
+def test_ingest_adds_new_images_once(service, tmp_path, capsys):
+    for n in range(3):
+        (tmp_path / f"new{n}.jpg").write_bytes(picture(7000 + n))
+    assert indexing_main(["ingest", "--images", str(tmp_path), "--url", service, "--token", WRITE_TOKEN]) == 0
+    assert "added 3 images" in capsys.readouterr().out
+    assert indexing_main(["ingest", "--images", str(tmp_path), "--url", service, "--token", WRITE_TOKEN]) == 0
+    assert "added 0 images, skipped 3" in capsys.readouterr().out
+    (tmp_path / "new3.jpg").write_bytes(picture(7003))
+    assert indexing_main(["ingest", "--images", str(tmp_path), "--url", service, "--token", "bad"]) == 2
+    assert "refused the write token" in capsys.readouterr().err
+    from indexing.ids import id_from_path
+
+    with httpx.Client(base_url=service) as c:
+        for n in range(3):
+            assert c.delete(f"/images/{id_from_path(f'new{n}.jpg')}", headers=AUTH).status_code == 200
