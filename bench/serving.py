@@ -1,7 +1,6 @@
 """Service latency and QPS over HTTP against `ShardedIndex.search` in-process, same index, same queries."""
 from __future__ import annotations
 
-import io
 import logging
 
 import httpx

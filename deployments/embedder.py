@@ -40,6 +40,3 @@ class Embedder:
         except ImageDecodeError as e:
             return {"error": e.code, "message": str(e)}
         return {"vector": await self._embed_batch(pixels)}
-
-    def dim(self) -> int:
-        return self.model.dim

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from configs.schema import AppConfig, BuildConfig, DecodeConfig, ModelConfig
+from configs.schema import AppConfig, BuildConfig, ModelConfig
 from indexing import storage
 from indexing.ids import id_from_path, initial_slot_table, shard_of
 from indexing.manifest import Manifest, ShardEntry, next_version, publish_manifest

@@ -4,7 +4,6 @@ import os
 import numpy as np
 import pytest
 
-from indexing import storage
 from indexing.build import build_from_vectors
 from indexing.live import LiveShard
 from indexing.manifest import read_manifest

@@ -4,7 +4,7 @@ import pytest
 
 from indexing import ShardedIndex
 from indexing.__main__ import main as indexing_main
-from indexing.ids import shard_of, slot_of
+from indexing.ids import shard_of
 from indexing.live import LiveShard
 from indexing.manifest import read_manifest
 from indexing.rebalance import plan_rebalance
