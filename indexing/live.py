@@ -11,7 +11,6 @@ write (fsynced and applied), every replica applies it before answering any later
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -20,11 +19,8 @@ from typing import Optional
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from indexing import storage, wal
-from indexing.catalog import Catalog
+from indexing.catalog import read_meta, write_meta
 from indexing.ids import shard_of
 from indexing.manifest import Manifest
 from indexing.shards import add_to_shard, read_index, search_shard, serialize
@@ -84,13 +80,10 @@ class LiveShard:
     def _load_meta(self, state: dict) -> dict[int, list]:
         """id -> [uri, sha256, private, unsafe]; generation 0 takes this shard's rows of the catalog."""
         if state["meta"]:
-            t = pq.read_table(os.path.join(self.live, state["meta"])).to_pydict()
-            return {i: [u, h, p, s] for i, u, h, p, s in
-                    zip(t["id"], t["uri"], t["sha256"], t["private"], t["unsafe"])}
-        cat = Catalog.load(self.root, self.manifest.catalog)
-        mine = shard_of(cat.ids, self.manifest.slot_table) == self.shard_no
-        return {int(i): [u, h, bool(p), bool(x)] for i, u, h, p, x in
-                zip(cat.ids[mine], cat.uris[mine], cat.sha256[mine], cat.private[mine], cat.unsafe[mine])}
+            return read_meta(self.live, state["meta"])
+        catalog = read_meta(self.root, self.manifest.catalog)
+        ids = np.fromiter(catalog, dtype=np.int64, count=len(catalog))
+        return {int(i): catalog[int(i)] for i in ids[shard_of(ids, self.manifest.slot_table) == self.shard_no]}
 
     # ------------------------------------------------------------------ applying writes
 
@@ -183,14 +176,7 @@ class LiveShard:
             self.sync()
             g = self.generation + 1
             storage.write_bytes_atomic(self._path(f"g{g}.faiss"), serialize(self.index))
-            ids = list(self.meta)
-            cols = list(zip(*self.meta.values())) if ids else [[], [], [], []]
-            table = pa.table({"id": pa.array(ids, pa.int64()), "uri": pa.array(cols[0], pa.string()),
-                              "sha256": pa.array(cols[1], pa.string()), "private": pa.array(cols[2], pa.bool_()),
-                              "unsafe": pa.array(cols[3], pa.bool_())})
-            buf = io.BytesIO()
-            pq.write_table(table, buf)
-            storage.write_bytes_atomic(self._path(f"g{g}.parquet"), buf.getvalue())
+            write_meta(self._path(f"g{g}.parquet"), self.meta)
             self._write_state({"generation": g, "index": f"{self.name}.g{g}.faiss",
                                "meta": f"{self.name}.g{g}.parquet", "log": f"{self.name}.g{g}.wal"})
             self.generation, self.log_name, self.offset = g, f"{self.name}.g{g}.wal", 0

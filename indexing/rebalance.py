@@ -6,17 +6,15 @@ a new version; the old version stays readable until the new manifest is publishe
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from indexing import storage
 from indexing.build import versioned
+from indexing.catalog import write_meta
 from indexing.ids import shard_of, slot_of
 from indexing.live import LiveShard
 from indexing.manifest import Manifest, ShardEntry, publish_manifest, read_manifest
@@ -95,8 +93,8 @@ def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05) -> Manif
 
     t0 = time.time()
     m = read_manifest(index_dir)
-    metas = [LiveShard(index_dir, m, s).meta for s in range(m.num_shards)]
-    ids = np.fromiter((i for meta in metas for i in meta), dtype=np.int64)
+    meta = {i: row for s in range(m.num_shards) for i, row in LiveShard(index_dir, m, s).meta.items()}
+    ids = np.fromiter(meta, dtype=np.int64, count=len(meta))
     counts = np.bincount(slot_of(ids, m.num_slots), minlength=m.num_slots)
     table = plan_rebalance(counts, m.slot_table, num_shards, tolerance)
     version = m.version + 1
@@ -105,15 +103,7 @@ def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05) -> Manif
     sizes = ray.get([task.remote(index_dir, m.model_dump(), m.template, table, i, storage.join(index_dir, names[i]))
                      for i in range(num_shards)])
     catalog = versioned("catalog.parquet", version)
-    rows = [(i, *meta[i]) for meta in metas for i in meta]
-    table_pa = pa.table({
-        "id": pa.array([r[0] for r in rows], pa.int64()), "uri": pa.array([r[1] for r in rows], pa.string()),
-        "sha256": pa.array([r[2] for r in rows], pa.string()), "private": pa.array([r[3] for r in rows], pa.bool_()),
-        "unsafe": pa.array([r[4] for r in rows], pa.bool_()),
-    }).sort_by("id")
-    buf = io.BytesIO()
-    pq.write_table(table_pa, buf)
-    storage.write_bytes_atomic(storage.join(index_dir, catalog), buf.getvalue())
+    write_meta(storage.join(index_dir, catalog), meta)
     new = m.model_copy(update=dict(
         version=version, created_at=time.time(), total=int(sum(sizes)), slot_table=table, catalog=catalog,
         shards=[ShardEntry(path=p, count=c) for p, c in zip(names, sizes)],
