@@ -36,8 +36,8 @@ def _cmd_run(args) -> int:
 
         if not ray.is_initialized():
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-        search = in_process_searcher(root, judged.database, cfg, args.factory)
-        where = {"factory": search.index.manifest.factory}
+        search, factory = in_process_searcher(root, judged.database, cfg, args.factory)
+        where = {"factory": factory}
     result = run_evaluation(judged, search, args.k, args.recall_k, depth=min(len(judged.database), 1000) if args.url else None)
     result.update(model=model_summary(cfg.model), **where)
     print(f"{judged.protocol}: {result['queries']} queries against {result['database']} images")
@@ -68,14 +68,11 @@ def _cmd_ann(args) -> int:
 def _cmd_edits(args) -> int:
     from embedding.embedder import Embedder
     from evaluation.edits import near_duplicate_recall
-    from evaluation.run import _read_csv
+    from evaluation.run import _read_csv, read_images
 
     root = args.root or os.path.dirname(os.path.abspath(args.labels))
     paths = [r[0] for r in _read_csv(args.labels)][:: args.every]
-    originals = []
-    for p in paths:
-        with open(os.path.join(root, p), "rb") as f:
-            originals.append(f.read())
+    originals = read_images(root, paths)
     emb = Embedder(load_config(args.config).model)
     r1 = near_duplicate_recall(emb, originals, scale=args.scale, quality=args.quality, crop=args.crop)
     print(f"near-duplicate recall@1 {r1:.4f} over {len(paths)} images "

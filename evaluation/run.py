@@ -88,9 +88,11 @@ def score(judged: Judgements, ranked: list[list[str]], k: int, recall_ks: Sequen
     return out
 
 
-def in_process_searcher(root: str, database: list[str], cfg: AppConfig, factory: Optional[str], shards: int = 1) -> Searcher:
+def in_process_searcher(
+    root: str, database: list[str], cfg: AppConfig, factory: Optional[str], shards: int = 1
+) -> tuple[Searcher, str]:
     """Embed the database, index it with the project's build (a temporary index dir) and search
-    it through ShardedIndex."""
+    it through ShardedIndex; returns the searcher and the factory the build chose."""
     from embedding.embedder import Embedder
     from indexing import ShardedIndex
     from indexing.build import build_from_vectors
@@ -115,8 +117,7 @@ def in_process_searcher(root: str, database: list[str], cfg: AppConfig, factory:
         _, I = ix.search(q, min(depth, ix.ntotal))
         return [[path_of[i] for i in row if i >= 0] for row in I]
 
-    search.index = ix  # for reports: which factory was searched
-    return search
+    return search, ix.manifest.factory
 
 
 def service_searcher(root: str, url: str) -> Searcher:
@@ -131,10 +132,9 @@ def service_searcher(root: str, url: str) -> Searcher:
 
     def search(queries: Sequence[str], depth: int) -> list[list[str]]:
         out = []
-        for qp in queries:
-            with open(os.path.join(root, qp), "rb") as f:
-                r = client.post(f"/search?k={min(depth, 1000)}", content=f.read(),
-                                headers={"content-type": "application/octet-stream"})
+        for data in read_images(root, queries):
+            r = client.post(f"/search?k={min(depth, 1000)}", content=data,
+                            headers={"content-type": "application/octet-stream"})
             r.raise_for_status()
             out.append([rel(h["uri"]) for h in r.json()["results"]])
         return out
@@ -142,16 +142,18 @@ def service_searcher(root: str, url: str) -> Searcher:
     return search
 
 
+def read_images(root: str, paths: Sequence[str]) -> list[bytes]:
+    """The bytes of image files named relative to root."""
+    out = []
+    for p in paths:
+        with open(os.path.join(root, p), "rb") as f:
+            out.append(f.read())
+    return out
+
+
 def embed_paths(emb, root: str, paths: Sequence[str], batch: int = 64) -> np.ndarray:
     """Embed image files under root, in batches."""
-    parts = []
-    for s in range(0, len(paths), batch):
-        blobs = []
-        for p in paths[s : s + batch]:
-            with open(os.path.join(root, p), "rb") as f:
-                blobs.append(f.read())
-        parts.append(emb.embed_bytes(blobs))
-    return np.concatenate(parts)
+    return np.concatenate([emb.embed_bytes(read_images(root, paths[s : s + batch])) for s in range(0, len(paths), batch)])
 
 
 def run_evaluation(judged: Judgements, search: Searcher, k: int = 10, recall_ks: Sequence[int] = (1, 5, 10),
