@@ -1,5 +1,9 @@
-"""`python -m deployments run --index-dir DIR`: deploy serve_config.yaml on a local (or given) Ray
-and block, printing the URL and a ready curl once every shard is loaded."""
+"""Service jobs.
+
+`python -m deployments run --index-dir DIR`: deploy serve_config.yaml on a local (or given) Ray and
+block, printing the URL and a ready curl once every shard is loaded.
+`python -m deployments switch [--version N]`: move the running service to another manifest version
+without downtime (see deployments/switch.py)."""
 from __future__ import annotations
 
 import argparse
@@ -17,11 +21,11 @@ DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.ya
 def load_serve_config(path: str, index_dir: str | None, config: str | None, port: int | None) -> dict:
     """serve_config.yaml with the index directory, app config and port filled in."""
     cfg = yaml.safe_load(Path(path).read_text())
-    app = cfg["applications"][0]
-    if index_dir:
-        app["args"]["index_dir"] = index_dir if "://" in index_dir else os.path.abspath(index_dir)
-    if config:
-        app["args"]["config"] = os.path.abspath(config)
+    for app in cfg["applications"]:  # the front and the index application read the same directory
+        if index_dir:
+            app["args"]["index_dir"] = index_dir if "://" in index_dir else os.path.abspath(index_dir)
+        if config:
+            app["args"]["config"] = os.path.abspath(config)
     if port:
         cfg.setdefault("http_options", {})["port"] = port
     return cfg
@@ -72,7 +76,17 @@ def main(argv=None) -> int:
     r.add_argument("--port", type=int)
     r.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     r.add_argument("--timeout-s", type=float, default=300, help="how long to wait for the service to be healthy")
+    w = sub.add_parser("switch", help="serve another manifest version without downtime")
+    w.add_argument("--app", default="imsearch", help="the front application (default: imsearch)")
+    w.add_argument("--version", type=int, help="manifest version (default: the current manifest.json)")
+    w.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    w.add_argument("--timeout-s", type=float, default=600, help="how long each step may take")
+    w.add_argument("--drain-s", type=float, default=5, help="time given to searches inside the old version")
+    w.add_argument("--no-replay", action="store_true",
+                   help="switch even when writes the old version took cannot be carried over")
     args = p.parse_args(argv)
+    if args.verb == "switch":
+        return _switch(args)
     index_dir = args.index_dir
     if index_dir and "://" not in index_dir and not Path(index_dir, "manifest.json").exists():
         print(f"error: no index at {index_dir} (manifest.json missing); build one with `python -m indexing build`",
@@ -93,6 +107,23 @@ def main(argv=None) -> int:
         from ray import serve
 
         serve.shutdown()
+    return 0
+
+
+def _switch(args) -> int:
+    import json
+
+    import ray
+
+    from deployments.switch import SwitchError, switch
+
+    ray.init(address=args.address, namespace="serve", logging_level="WARNING")
+    try:
+        out = switch(args.app, args.version, args.timeout_s, args.drain_s, replay=not args.no_replay)
+    except (SwitchError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=1))
     return 0
 
 

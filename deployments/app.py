@@ -1,4 +1,11 @@
-"""The application builder that serve_config.yaml imports: `deployments.app:build_app`."""
+"""The two application builders serve_config.yaml imports.
+
+- `deployments.app:build_index`: one index version: a Shard deployment per shard and the Router
+  in front of them (no HTTP route). Its name carries the version, so a new version deploys beside
+  the old one (`python -m deployments switch`).
+- `deployments.app:build_app`: the HTTP front: Ingress, Embedder and Ranker. Its Ingress finds the
+  index application by name from its user_config, which can change without a restart.
+"""
 from __future__ import annotations
 
 import os
@@ -17,21 +24,23 @@ from indexing.manifest import read_manifest
 
 
 class AppArgs(BaseModel):
-    """`args:` of the application in serve_config.yaml."""
+    """`args:` of either application in serve_config.yaml."""
 
     model_config = ConfigDict(extra="forbid")
-    index_dir: str = Field(description="index directory (path or URI) whose current manifest is served")
+    index_dir: str = Field(description="index directory (path or URI)")
+    version: Optional[int] = Field(None, ge=1, description="manifest version to serve (index app); null = current")
     config: Optional[str] = Field(None, description="app config YAML (default: configs/default.yaml)")
     overrides: dict = Field(default_factory=dict, description="nested keys that override the config file")
 
+    def load(self):
+        """(config, absolute index dir, manifest)."""
+        index_dir = self.index_dir if "://" in self.index_dir else os.path.abspath(self.index_dir)
+        return load_config(self.config, self.overrides), index_dir, read_manifest(index_dir, self.version)
 
-def build_app(args: dict) -> serve.Application:
-    """Shard deployments from the manifest, then router, embedder, ranker and the HTTP ingress."""
-    a = AppArgs.model_validate(args)
-    cfg: AppConfig = load_config(a.config, a.overrides)
-    index_dir = a.index_dir if "://" in a.index_dir else os.path.abspath(a.index_dir)
-    m = read_manifest(index_dir)
-    model_cfg = m.model or cfg.model.model_dump()  # serve with the model that built the index
+
+def build_index(args: dict) -> serve.Application:
+    """Shard deployments of one manifest version behind a Router."""
+    cfg, index_dir, m = AppArgs.model_validate(args).load()
     shards = [
         Shard.options(
             name=f"Shard{i:03d}", num_replicas=cfg.serve.shard_replicas,
@@ -39,13 +48,19 @@ def build_app(args: dict) -> serve.Application:
         ).bind(index_dir, m.model_dump(), i, cfg.serve.compact_after_bytes)
         for i in range(m.num_shards)
     ]
-    router = Router.bind(shards, m.metric, cfg.serve.shard_timeout_s)
-    embedder = Embedder.bind(model_cfg, cfg.decode.model_dump(), cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
-    ranker = Ranker.bind(cfg.serve.near_duplicate_cosine)
     info = {"version": m.version, "dim": m.dim, "metric": m.metric, "factory": m.factory, "nprobe": m.nprobe,
             "index_dir": index_dir}
+    return Router.bind(shards, m.slot_table, info, cfg.serve.shard_timeout_s)
+
+
+def build_app(args: dict) -> serve.Application:
+    """The HTTP front: embedder (with the model that built the current index), ranker, ingress."""
+    cfg, _, m = AppArgs.model_validate(args).load()
+    model_cfg = m.model or cfg.model.model_dump()
+    embedder = Embedder.bind(model_cfg, cfg.decode.model_dump(), cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
+    ranker = Ranker.bind(cfg.serve.near_duplicate_cosine)
     return Ingress.bind(
-        embedder, router, ranker, shards, m.slot_table, info, cfg.serve.model_dump(), cfg.decode.model_dump(),
+        embedder, ranker, cfg.serve.model_dump(), cfg.decode.model_dump(),
         cfg.serve.write_tokens + _env_list("IMSEARCH_WRITE_TOKENS"), cfg.serve.read_tokens + _env_list("IMSEARCH_READ_TOKENS"),
     )
 

@@ -15,12 +15,13 @@ from starlette.responses import JSONResponse
 class ApiError(Exception):
     """A request the service refuses, with the HTTP status and a stable error code."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: Optional[dict] = None):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"code": self.code, "message": self.message}}, status_code=self.status)
+        return JSONResponse({"error": {"code": self.code, "message": self.message}}, status_code=self.status,
+                            headers=self.headers)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

@@ -63,7 +63,8 @@ def _cmd_rebalance(args) -> int:
     if args.shards < 1:
         raise UsageError(f"--shards must be >= 1, got {args.shards}")
     _init_ray(args.address)
-    m = rebalance(args.index_dir, args.shards)
+    cfg = load_config(args.config)
+    m = rebalance(args.index_dir, args.shards, task_cpus=cfg.build.shard_task_cpus)
     sizes = [s.count for s in m.shards]
     print(f"version {m.version}: {m.total} vectors over {m.num_shards} shards, sizes {sizes}", flush=True)
     return 0
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("rebalance", help="redistribute the vectors over M shards (no re-embedding)")
     r.add_argument("--index-dir", required=True)
     r.add_argument("--shards", type=int, required=True)
+    r.add_argument("--config", help="YAML config (build.shard_task_cpus)")
     r.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     r.set_defaults(fn=_cmd_rebalance)
     d = sub.add_parser("demo-images", help="write the demo corpus (scikit-image photos + variants)")

@@ -28,6 +28,53 @@ from indexing.shards import add_to_shard, read_index, search_shard, serialize
 LOG = logging.getLogger(__name__)
 
 
+def live_dir(root: str, version: int) -> str:
+    """The write state of manifest version `version` under a local index directory."""
+    path = os.path.join(root, "live", f"v{version}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _ensure_state(live: str, manifest: Manifest, shard_no: int) -> dict:
+    """The shard's state file, created at generation 0 (the build's shard file) on first use."""
+    name = f"shard-{shard_no:03d}"
+    path = os.path.join(live, f"{name}.json")
+    if not os.path.exists(path):
+        state = {"generation": 0, "index": manifest.shards[shard_no].path, "meta": None, "log": f"{name}.g0.wal"}
+        storage.write_bytes_atomic(path, json.dumps(state).encode())
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_records_since(index_dir: str, manifest: Manifest, shard_no: int, position: tuple[int, int]) -> list[wal.Record]:
+    """Every record a shard logged after `position` = (generation, offset), across compactions.
+
+    Compaction keeps the previous generation's log, so a position one generation old still works;
+    an older one raises, because those records now exist only inside a snapshot."""
+    live = live_dir(storage.resolve(index_dir)[1], manifest.version)
+    name = f"shard-{shard_no:03d}"
+    with wal.locked(os.path.join(live, f"{name}.lock")):
+        current = _ensure_state(live, manifest, shard_no)["generation"]
+        generation, offset = position
+        out = []
+        for g in range(generation, current + 1):
+            log = os.path.join(live, f"{name}.g{g}.wal")
+            if g < current and not os.path.exists(log):
+                raise FileNotFoundError(f"{log} was removed by a later compaction: records after generation "
+                                        f"{generation} offset {offset} can no longer be replayed")
+            out += wal.read_from(log, offset if g == generation else 0)[0]
+        return out
+
+
+def append_records(index_dir: str, manifest: Manifest, shard_no: int, records: list[wal.Record]) -> None:
+    """Durably append records to a shard's current log without loading the shard; every replica
+    serving it applies them before its next search."""
+    live = live_dir(storage.resolve(index_dir)[1], manifest.version)
+    name = f"shard-{shard_no:03d}"
+    with wal.locked(os.path.join(live, f"{name}.lock")):
+        wal.append(os.path.join(live, _ensure_state(live, manifest, shard_no)["log"]), records)
+
+
 class LiveShard:
     """One replica's in-memory copy of a shard, kept current from the shard's log."""
 
@@ -41,12 +88,9 @@ class LiveShard:
             self._load()
             return
         self.root = storage.resolve(index_dir)[1]
-        self.live = os.path.join(self.root, "live", f"v{manifest.version}")
-        os.makedirs(self.live, exist_ok=True)
+        self.live = live_dir(self.root, manifest.version)
         with wal.locked(self._path("lock")):
-            if not os.path.exists(self._path("json")):
-                self._write_state({"generation": 0, "index": manifest.shards[shard_no].path, "meta": None,
-                                   "log": f"{self.name}.g0.wal"})
+            _ensure_state(self.live, manifest, shard_no)
             self._load()
 
     # ------------------------------------------------------------------ files
@@ -56,6 +100,11 @@ class LiveShard:
 
     def _write_state(self, state: dict) -> None:
         storage.write_bytes_atomic(self._path("json"), json.dumps(state).encode())
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(generation, log offset) this replica has applied: where a later reader resumes."""
+        return self.generation, self.offset
 
     def _read_state(self) -> dict:
         if self.live is None:

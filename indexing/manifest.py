@@ -23,6 +23,14 @@ class ShardEntry(BaseModel):
     count: NonNegativeInt
 
 
+class ReplayFrom(BaseModel):
+    """Where a rebalance read the version it copied: writes after these positions must be replayed."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, description="the version the rebalance read")
+    positions: list[list[int]] = Field(description="per old shard: [log generation, byte offset]")
+
+
 class Manifest(BaseModel):
     """Everything a reader needs to open and search the index."""
 
@@ -41,6 +49,7 @@ class Manifest(BaseModel):
     catalog: Optional[str] = "catalog.parquet"
     embeddings: Optional[str] = "embeddings"
     model: Optional[dict] = Field(None, description="the ModelConfig that produced the vectors")
+    replay_from: Optional[ReplayFrom] = Field(None, description="set by a rebalance; see indexing.catchup")
 
     @model_validator(mode="after")
     def _consistent(self):

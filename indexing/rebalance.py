@@ -17,7 +17,7 @@ from indexing.build import versioned
 from indexing.catalog import write_meta
 from indexing.ids import shard_of, slot_of
 from indexing.live import LiveShard
-from indexing.manifest import Manifest, ShardEntry, publish_manifest, read_manifest
+from indexing.manifest import Manifest, ReplayFrom, ShardEntry, publish_manifest, read_manifest
 from indexing.shards import read_index, write_index
 
 LOG = logging.getLogger(__name__)
@@ -68,14 +68,20 @@ def _extract(index: faiss.Index, keep: np.ndarray):
     return [(-1, sel, np.stack([index.reconstruct(int(i)) for i in sel]) if len(sel) else None)]
 
 
-def fill_rebalanced_shard(index_dir: str, old: dict, template: str, new_table: list[int], shard: int, out_uri: str) -> int:
-    """Build new shard `shard` from every old shard's current state (snapshot + log)."""
+def fill_rebalanced_shard(index_dir: str, old: dict, template: str, new_table: list[int], shard: int, out_uri: str):
+    """Build new shard `shard` from every old shard's current state (snapshot + log).
+
+    Returns (count, id -> metadata of the new shard, the (generation, offset) read of each old shard),
+    so that writes the old version takes later can be replayed onto this one."""
     m = Manifest.model_validate(old)
     new = read_index(storage.join(index_dir, template))
+    meta, positions = {}, []
     for s in range(m.num_shards):
         live = LiveShard(index_dir, m, s)
+        positions.append(live.position)
         ids = np.fromiter(live.meta, dtype=np.int64, count=len(live.meta))
         keep = ids[shard_of(ids, new_table) == shard]
+        meta.update({int(i): live.meta[int(i)] for i in keep})
         for l, got_ids, payload in _extract(live.index, keep):
             if l < 0:
                 if len(got_ids):
@@ -84,29 +90,35 @@ def fill_rebalanced_shard(index_dir: str, old: dict, template: str, new_table: l
                 new.invlists.add_entries(l, len(got_ids), faiss.swig_ptr(got_ids), faiss.swig_ptr(payload))
                 new.ntotal += len(got_ids)
     write_index(new, out_uri)
-    return int(new.ntotal)
+    return int(new.ntotal), meta, positions
 
 
-def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05) -> Manifest:
-    """Redistribute the current version's vectors over `num_shards` shards as a new version."""
+def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05, task_cpus: float = 0.5) -> Manifest:
+    """Redistribute the current version's vectors over `num_shards` shards as a new version.
+
+    The old version keeps taking writes meanwhile; the new manifest's `replay_from` records how far
+    each old shard's log was read, so a version switch replays only the writes that came later."""
     import ray
 
     t0 = time.time()
     m = read_manifest(index_dir)
-    meta = {i: row for s in range(m.num_shards) for i, row in LiveShard(index_dir, m, s).meta.items()}
-    ids = np.fromiter(meta, dtype=np.int64, count=len(meta))
+    ids = np.concatenate([np.fromiter(LiveShard(index_dir, m, s).meta, dtype=np.int64) for s in range(m.num_shards)])
     counts = np.bincount(slot_of(ids, m.num_slots), minlength=m.num_slots)
     table = plan_rebalance(counts, m.slot_table, num_shards, tolerance)
     version = m.version + 1
     names = [versioned(f"shard-{i:03d}.faiss", version) for i in range(num_shards)]
-    task = ray.remote(num_cpus=0.5)(fill_rebalanced_shard)
-    sizes = ray.get([task.remote(index_dir, m.model_dump(), m.template, table, i, storage.join(index_dir, names[i]))
-                     for i in range(num_shards)])
+    task = ray.remote(num_cpus=task_cpus)(fill_rebalanced_shard)
+    done = ray.get([task.remote(index_dir, m.model_dump(), m.template, table, i, storage.join(index_dir, names[i]))
+                    for i in range(num_shards)])
+    sizes = [d[0] for d in done]
     catalog = versioned("catalog.parquet", version)
-    write_meta(storage.join(index_dir, catalog), meta)
+    write_meta(storage.join(index_dir, catalog), {i: row for d in done for i, row in d[1].items()})
+    # The earliest position any task read: replaying from there is safe for all of them because
+    # upserts, deletes and flag changes give the same state when applied again in order.
+    replay = ReplayFrom(version=m.version, positions=[list(min(d[2][s] for d in done)) for s in range(m.num_shards)])
     new = m.model_copy(update=dict(
         version=version, created_at=time.time(), total=int(sum(sizes)), slot_table=table, catalog=catalog,
-        shards=[ShardEntry(path=p, count=c) for p, c in zip(names, sizes)],
+        shards=[ShardEntry(path=p, count=c) for p, c in zip(names, sizes)], replay_from=replay,
     ))
     new = Manifest.model_validate(new.model_dump())
     publish_manifest(index_dir, new)

@@ -1,7 +1,10 @@
 """Test images made from the photos scikit-image ships: no download, no shared data."""
 from __future__ import annotations
 
+import io
 import os
+
+import numpy as np
 
 from PIL import Image
 
@@ -33,3 +36,13 @@ def write_corpus(root: str) -> int:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         img.save(path, "JPEG", quality=92)
     return len(imgs)
+
+
+def picture(seed: int) -> bytes:
+    """A distinct synthetic JPEG: a smooth random colour field."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((192, 192), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()

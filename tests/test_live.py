@@ -72,3 +72,22 @@ def test_flags_filter_inside_search_and_compaction_keeps_state(index, rng):
     assert fresh.get(ids[1])["private"] is True and fresh.get(ids[0])["private"] is False
     a.compact(), a.compact()
     assert not os.path.exists(os.path.join(a.live, "shard-001.g1.wal"))
+
+
+def test_records_since_a_position_survive_one_compaction_not_two(index, rng):
+    from indexing.live import read_records_since
+
+    d, _ = index
+    m = read_manifest(d)
+    a = LiveShard(d, m, 0)
+    ids = sorted(a.meta)[:4]
+    a.write(Record("flags", ids[0], private=True))
+    pos = a.position  # what a rebalance would record
+    a.write(Record("delete", ids[1]))
+    a.compact()
+    a.write(Record("flags", ids[2], unsafe=True))
+    got = read_records_since(d, m, 0, pos)
+    assert [(r.op, r.id) for r in got] == [("delete", ids[1]), ("flags", ids[2])]
+    a.compact()  # the log of the recorded generation is gone now: refuse rather than miss writes
+    with pytest.raises(FileNotFoundError, match="compaction"):
+        read_records_since(d, m, 0, pos)

@@ -113,12 +113,12 @@ def test_bad_input_gets_json_error_and_service_survives(client, catalog, method,
 def test_killed_shard_replica_recovers(client, ray_session, image_index_dir):
     from ray import serve
 
-    pid = serve.get_deployment_handle("Shard001", app_name="imsearch").info.remote().result()["pid"]
+    pid = serve.get_deployment_handle("Shard001", app_name="imsearch-index").info.remote().result()["pid"]
     query = {"vector": [0.03] * 1280, "k": 5}
     full = client.post("/search/vector", json=query).json()
     assert full["partial"] is False
     os.kill(pid, signal.SIGKILL)
-    shard = serve.get_deployment_handle("Shard001", app_name="imsearch")
+    shard = serve.get_deployment_handle("Shard001", app_name="imsearch-index")
     partials, recovered, deadline = 0, False, time.time() + 180
     while time.time() < deadline:
         r = client.post("/search/vector", json=query)

@@ -1,5 +1,4 @@
 """Continuous indexing over real HTTP: tokens, upserts, deletes, flags, durability, concurrency, ingest."""
-import io
 import os
 import signal
 import time
@@ -8,13 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from indexing.__main__ import main as indexing_main
 from indexing.build import arrow_to_vectors, read_embeddings
 from indexing.ids import shard_of
 from indexing.manifest import read_manifest
 from tests.conftest import WRITE_TOKEN
+from tests.images import picture
 
 AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
 
@@ -23,16 +22,6 @@ AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
 def client(service):
     with httpx.Client(base_url=service, timeout=60) as c:
         yield c
-
-
-def picture(seed: int) -> bytes:
-    """A distinct synthetic photo: smooth random colour field plus shapes."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize((192, 192), Image.BICUBIC)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def put(client, id_, data, **params):
@@ -118,7 +107,7 @@ def test_acknowledged_writes_survive_sigkill(client, image_index_dir):
     before = client.get("/stats").json()["shards"][2]["count"]
     for n, i in enumerate(mine):
         assert put(client, i, picture(100 + n), uri=f"mem://{i}").status_code == 201
-    handle = serve.get_deployment_handle("Shard002", app_name="imsearch")
+    handle = serve.get_deployment_handle("Shard002", app_name="imsearch-index")
     pid = handle.info.remote().result()["pid"]
     os.kill(pid, signal.SIGKILL)
     deadline = time.time() + 180

@@ -1,0 +1,32 @@
+"""Catch-up: carry writes the old version took during a rebalance over to the new version.
+
+A rebalance reads every old shard's snapshot + log up to a position it records in the new manifest
+(`replay_from`). Writes acknowledged by the old version after that are read back from the old logs
+and appended, routed by the new slot table, to the new shards' logs, whose replicas apply them
+before their next search. Run it while writes are paused, right before the switch.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from indexing import storage
+from indexing.ids import shard_of
+from indexing.live import append_records, read_records_since
+from indexing.manifest import Manifest, read_manifest
+
+
+def catch_up(index_dir: str, manifest: Manifest) -> int:
+    """Replay onto `manifest`'s shards the writes logged by its source version since the rebalance;
+    returns how many records were carried. Safe to repeat while neither version takes writes."""
+    r = manifest.replay_from
+    if r is None or not storage.is_local(index_dir):
+        return 0  # a fresh build, or an object-store index (served read-only: no writes to carry)
+    old = read_manifest(index_dir, r.version)
+    per_shard = defaultdict(list)
+    # Each id lives in exactly one old shard, so per-id order is the order of that shard's log.
+    for s, (generation, offset) in enumerate(r.positions):
+        for rec in read_records_since(index_dir, old, s, (generation, offset)):
+            per_shard[int(shard_of([rec.id], manifest.slot_table)[0])].append(rec)
+    for n, records in per_shard.items():
+        append_records(index_dir, manifest, n, records)
+    return sum(len(v) for v in per_shard.values())
