@@ -14,7 +14,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from configs.schema import AppConfig, load_config
+from configs.schema import load_config
 from deployments.embedder import Embedder
 from deployments.ingress import Ingress
 from deployments.ranker import Ranker
