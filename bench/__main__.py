@@ -1,28 +1,128 @@
-"""`python -m bench VERB --out DIR [--quick]`: serving (HTTP vs in-process)."""
+"""`python -m bench VERB --out DIR [--quick]`
+
+  all        every benchmark below, in one run on this machine; writes all.json, all.md and PNGs
+  search     recall@10 vs QPS: service HTTP, ShardedIndex, plain FAISS, Milvus Lite, Qdrant, LanceDB
+  embedding  images/s: Embedder deployment over HTTP and through a handle vs a plain torch loop
+  indexing   images/s: `python -m indexing build` end to end vs a single-process loop
+  load       p50/p99 of image and vector queries at rising concurrency, with the saturation point
+  memory     resident bytes per vector of a shard replica vs the code size of the factory
+
+Real vectors and images come from --images (default ../shared/data/scene15); the peers are optional
+extras: pip install -e '.[bench]'."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
+
+LOG = logging.getLogger("bench")
+
+SIZES = {  # quick: a few minutes on 2 cores; full: the sizes the issue asks for
+    True: {"index_images": 300, "embed_images": 64, "real_views": 1, "synthetic": 50_000, "queries": 200,
+           "memory": (20_000, 100_000)},
+    False: {"index_images": 1500, "embed_images": 256, "real_views": 4, "synthetic": 1_000_000, "queries": 500,
+            "memory": (100_000, 1_000_000)},
+}
+
+
+class Service:
+    """The service deployed from serve_config.yaml, redeployed per index."""
+
+    def __init__(self, port: int):
+        self.port, self.url = port, None
+
+    def serve(self, index_dir: str) -> str:
+        import httpx
+
+        from deployments.__main__ import DEFAULT_SERVE_CONFIG, deploy, load_serve_config
+
+        self.url = deploy(load_serve_config(str(DEFAULT_SERVE_CONFIG), index_dir, None, self.port))
+        deadline = time.time() + 600
+        while time.time() < deadline:  # until the new index answers, not the one it replaces
+            try:
+                s = httpx.get(f"{self.url}/stats", timeout=10).json()
+                if s.get("index_dir") == os.path.abspath(index_dir) and s.get("total") is not None:
+                    return self.url
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"the service did not come up on {index_dir}")
+
+
+def run(verbs: list[str], images: str, out: str, quick: bool, port: int) -> dict:
+    from bench import plots
+    from bench.common import machine, write_results
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), namespace="serve", include_dashboard=False, logging_level="WARNING")
+    size = SIZES[quick]
+    work = os.path.join(out, "work")
+    os.makedirs(work, exist_ok=True)
+    results: dict = {"machine": machine(), "quick": quick, "sizes": size}
+    svc = Service(port)
+    t0 = time.time()
+    real_index = None
+    if "indexing" in verbs or "embedding" in verbs or "load" in verbs:
+        from bench.indexing_speed import bench_indexing
+
+        rows, real_index = bench_indexing(images, work, size["index_images"])
+        if "indexing" in verbs:
+            results["indexing"] = rows
+    if "embedding" in verbs or "load" in verbs:
+        url = svc.serve(real_index)
+        if "embedding" in verbs:
+            from bench.embedding_speed import bench_embedding
+            from bench.load import queries
+
+            _, blobs = queries(real_index, size["embed_images"])
+            results["embedding"] = bench_embedding(blobs, url)
+        if "load" in verbs:
+            from bench.load import bench_load
+
+            results["load"] = bench_load(real_index, url, quick)
+    if "memory" in verbs:
+        from bench.memory import bench_memory
+
+        results["memory"] = bench_memory(work, size["memory"])
+    if "search" in verbs:
+        from bench.search import bench_search
+        from bench.vectors import real_embeddings, synthetic
+
+        results["search"] = []
+        for make in (lambda: real_embeddings(images, os.path.join(work, "cache"), size["real_views"], size["queries"]),
+                     lambda: synthetic(size["synthetic"], queries=size["queries"])):
+            results["search"] += bench_search(make(), work, svc.serve)
+    results["seconds"] = round(time.time() - t0, 1)
+    write_results(out, "all" if len(verbs) > 1 else verbs[0], results, plots.markdown(results))
+    plots.plot_all(results, out)
+    return results
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("verb", choices=["serving", "all"])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("verb", choices=["all", "search", "embedding", "indexing", "load", "memory"])
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--index-dir", default="data/demo-index", help="index to benchmark (built by `make demo-index`)")
+    p.add_argument("--images", default=os.path.join("..", "shared", "data", "scene15"),
+                   help="folder of real photos (default: ../shared/data/scene15)")
     p.add_argument("--quick", action="store_true", help="small sizes that finish in minutes on 2 cores")
+    p.add_argument("--port", type=int, default=8311, help="port of the benchmarked service")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if not os.path.exists(os.path.join(args.index_dir, "manifest.json")):
-        print(f"error: no index at {args.index_dir}; run `make demo-index` or pass --index-dir", file=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    if not os.path.isdir(args.images):
+        print(f"error: --images {args.images} is not a folder of photos", file=sys.stderr)
         return 2
-    from bench.serving import bench_serving
-
-    payload = bench_serving(os.path.abspath(args.index_dir), args.out, quick=args.quick)
-    print(open(os.path.join(args.out, "serving.md")).read())
-    return 0 if payload["rows"] else 1
+    verbs = ["indexing", "embedding", "load", "memory", "search"] if args.verb == "all" else [args.verb]
+    results = run(verbs, args.images, args.out, args.quick, args.port)
+    print(open(os.path.join(args.out, f"{'all' if args.verb == 'all' else args.verb}.md")).read())
+    print(json.dumps({"seconds": results["seconds"], "out": args.out}))
+    return 0
 
 
 if __name__ == "__main__":

@@ -114,6 +114,28 @@ class ServeConfig(_Strict):
         return self
 
 
+class TrainConfig(_Strict):
+    """Contrastive training of the embedding model (`python -m embedding train`)."""
+
+    epochs: PositiveInt = Field(30, description="passes over the training images")
+    batch_size: int = Field(64, ge=4, description="views per step; every other view in the batch is a negative")
+    per_class: int = Field(4, ge=2, description="images per category in a labelled batch (the rest are other categories)")
+    lr: PositiveFloat = Field(1e-3, description="AdamW learning rate of the head (unfrozen backbone layers get lr/10)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    temperature: PositiveFloat = Field(0.1, description="softmax temperature of the NT-Xent / SupCon loss")
+    out_dim: PositiveInt = Field(256, description="embedding dimension after the projection head")
+    hidden_dim: Optional[PositiveInt] = Field(None, description="head hidden width; None: the backbone's width")
+    unfreeze_last: int = Field(0, ge=0, description="backbone layers (weight-holding modules, from the end) to train; 0 = frozen")
+    bank_views: PositiveInt = Field(6, description="frozen backbone: augmented views per image embedded once and reused every epoch")
+    crop_scale_min: float = Field(0.25, gt=0, le=1, description="smallest random-resized-crop area fraction")
+    hue_jitter: float = Field(0.1, ge=0, le=0.5, description="largest random hue shift of a view (fraction of the colour wheel)")
+    holdout: float = Field(0.5, ge=0, lt=1, description="fraction of images (of each category, with labels) kept for the before/after evaluation")
+    workers: PositiveInt = Field(1, description="Ray Train workers (data parallel)")
+    cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs reserved per worker")
+    use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="one GPU per worker: auto = when the cluster has GPUs")
+    seed: int = Field(0, description="seed of the split, the augmentations and the batches")
+
+
 class AppConfig(_Strict):
     """Everything one deployment of the service reads."""
 
@@ -122,6 +144,7 @@ class AppConfig(_Strict):
     index: IndexConfig = IndexConfig()
     build: BuildConfig = BuildConfig()
     serve: ServeConfig = ServeConfig()
+    train: TrainConfig = TrainConfig()
 
 
 class ConfigError(ValueError):

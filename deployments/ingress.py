@@ -51,6 +51,7 @@ class Ingress:
             Route("/images/{id}", self.image, methods=["GET", "PUT", "DELETE", "PATCH"]),
             Route("/search", self.search_image, methods=["POST"]),
             Route("/search/vector", self.search_vector, methods=["POST"]),
+            Route("/embed", self.embed, methods=["POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/stats", self.stats, methods=["GET"]),
         ]
@@ -152,6 +153,13 @@ class Ingress:
         results, partial = await self._search(vector[None, :], k, nprobe, own, dedupe)
         return JSONResponse({"results": results[0], "partial": partial, "took_ms": _ms(t0)})
 
+    async def embed(self, request: Request) -> Response:
+        """The query vector of an uploaded image, for clients that keep their own vectors."""
+        t0 = time.perf_counter()
+        self._authorize_read(request)
+        vector, _ = await self._embed_upload(request)
+        return JSONResponse({"vector": vector.tolist(), "dim": len(vector), "took_ms": _ms(t0)})
+
     async def search_vector(self, request: Request) -> Response:
         t0 = time.perf_counter()
         self._authorize_read(request)
@@ -197,9 +205,8 @@ class Ingress:
     async def stats(self, request: Request) -> Response:
         infos = await self.router.shard_info.remote()
         total = sum(s["count"] for s in infos) if all(infos) else None
-        shards = [{"shard": i, "loaded": s is not None, "count": (s or {}).get("count"),
-                   "generation": (s or {}).get("generation"), "log_bytes": (s or {}).get("log_bytes")}
-                  for i, s in enumerate(infos)]
+        keys = ("count", "generation", "log_bytes", "rss_bytes", "load_rss_bytes")
+        shards = [{"shard": i, "loaded": s is not None, **{k: (s or {}).get(k) for k in keys}} for i, s in enumerate(infos)]
         return JSONResponse({**await self._index_info(), "index_app": self.routing.index_app,
                              "writes_paused": self.routing.writes_paused, "total": total, "shards": shards})
 

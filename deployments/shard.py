@@ -22,7 +22,9 @@ LOG = logging.getLogger("ray.serve")
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32, health_check_period_s=2)
 class Shard:
     def __init__(self, index_dir: str, manifest: dict, shard_no: int, compact_after_bytes: int):
+        rss = rss_bytes()
         self.shard = LiveShard(index_dir, Manifest.model_validate(manifest), shard_no)
+        self.load_rss_bytes = rss_bytes() - rss  # what holding this shard costs the replica
         self.shard_no, self.nprobe, self.compact_after_bytes = shard_no, manifest["nprobe"], compact_after_bytes
         LOG.info("shard %d loaded: %d vectors", shard_no, self.shard.ntotal)
 
@@ -45,4 +47,18 @@ class Shard:
     def info(self) -> dict:
         """Count of this shard and which replica process answered (for operators and failure drills)."""
         return {"shard": self.shard_no, "count": self.shard.ntotal, "pid": os.getpid(),
-                "generation": self.shard.generation, "log_bytes": self.shard.log_bytes()}
+                "generation": self.shard.generation, "log_bytes": self.shard.log_bytes(),
+                "rss_bytes": rss_bytes(), "load_rss_bytes": self.load_rss_bytes}
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process in bytes (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024

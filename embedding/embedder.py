@@ -10,7 +10,7 @@ from PIL import Image
 
 from configs.schema import DecodeConfig, ModelConfig
 from embedding.decode import decode_image, resize_rgb
-from embedding.model import build_model
+from embedding.model import build_model, to_input
 
 LOG = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ class Embedder:
         self.half = self.device.type == "cuda" and cfg.fp16_on_cuda
         net = build_model(cfg).eval().to(self.device)
         self.net = net.half() if self.half else net
-        self._mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
         with torch.inference_mode():
             self.dim = int(self.embed_pixels(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8)).shape[1])
         LOG.info("embedder %s on %s (fp16=%s), dim %d", cfg.name, self.device, self.half, self.dim)
@@ -52,7 +50,7 @@ class Embedder:
         out = []
         for start in range(0, len(pixels), self.cfg.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + self.cfg.batch_size])).to(self.device)
-            x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std
+            x = to_input(x, self.cfg.mean, self.cfg.std)
             out.append(self.net(x.half() if self.half else x).float().cpu().numpy())
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, 0), np.float32)
 

@@ -32,6 +32,13 @@ class EmbeddingNet(nn.Module):
         return F.normalize(z.float(), dim=-1)
 
 
+def to_input(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, H, W, 3) uint8 pixels -> the normalised (B, 3, H, W) float batch the network takes."""
+    m = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1) * 255.0
+    return (pixels.permute(0, 3, 1, 2).float() - m) / s
+
+
 def projection_head(in_dim: int, out_dim: int, hidden_dim: Optional[int] = None) -> nn.Module:
     """Two-layer MLP head as in SimCLR; hidden defaults to in_dim."""
     hidden_dim = hidden_dim or in_dim

@@ -67,16 +67,19 @@ def _cmd_ann(args) -> int:
 
 def _cmd_edits(args) -> int:
     from embedding.embedder import Embedder
-    from evaluation.edits import near_duplicate_recall
+    from evaluation.edits import HEAVY_EDITS, near_duplicate_recall
     from evaluation.run import _read_csv, read_images
 
     root = args.root or os.path.dirname(os.path.abspath(args.labels))
     paths = [r[0] for r in _read_csv(args.labels)][:: args.every]
     originals = read_images(root, paths)
     emb = Embedder(load_config(args.config).model)
-    r1 = near_duplicate_recall(emb, originals, scale=args.scale, quality=args.quality, crop=args.crop)
-    print(f"near-duplicate recall@1 {r1:.4f} over {len(paths)} images "
-          f"(crop {args.crop}, scale {args.scale}, JPEG q{args.quality}, image_size {emb.cfg.image_size})")
+    edit = dict(scale=args.scale, quality=args.quality, crop=args.crop, rotate=args.rotate, hue=args.hue,
+                saturation=args.saturation)
+    if args.heavy:
+        edit = HEAVY_EDITS
+    r1 = near_duplicate_recall(emb, originals, **edit)
+    print(f"near-duplicate recall@1 {r1:.4f} over {len(paths)} images ({edit}, image_size {emb.cfg.image_size})")
     return 0
 
 
@@ -109,6 +112,11 @@ def main(argv=None) -> int:
     e.add_argument("--crop", type=float, default=0.05, help="fraction cropped from each side")
     e.add_argument("--scale", type=float, default=0.5)
     e.add_argument("--quality", type=int, default=50, help="JPEG quality of the copy")
+    e.add_argument("--rotate", type=float, default=0.0, help="rotation in degrees (corners cropped off)")
+    e.add_argument("--hue", type=float, default=0.0, help="hue shift, fraction of the colour wheel")
+    e.add_argument("--saturation", type=float, default=1.0, help="saturation factor")
+    e.add_argument("--heavy", action="store_true",
+                   help="the heavy edit set of the training report (crop to 50%% area, 15 deg, hue+saturation, q20)")
     e.add_argument("--config", help="YAML config (model settings)")
     e.set_defaults(fn=_cmd_edits)
     args = p.parse_args(argv)

@@ -1,12 +1,13 @@
 """Rebalancing: move whole slots between shards, copying codes as they are (no re-embedding).
 
-Every shard is a copy of one trained template, so an IVF code moves by copying its inverted-list
+A Ray Data job with one row per new shard. Every shard is a copy of one trained template, so an IVF code moves by copying its inverted-list
 entry (list number, id, code bytes) into the new shard. The new shards, catalog and manifest are
 a new version; the old version stays readable until the new manifest is published.
 """
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 
 import faiss
@@ -107,9 +108,17 @@ def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05, task_cpu
     table = plan_rebalance(counts, m.slot_table, num_shards, tolerance)
     version = m.version + 1
     names = [versioned(f"shard-{i:03d}.faiss", version) for i in range(num_shards)]
-    task = ray.remote(num_cpus=task_cpus)(fill_rebalanced_shard)
-    done = ray.get([task.remote(index_dir, m.model_dump(), m.template, table, i, storage.join(index_dir, names[i]))
-                    for i in range(num_shards)])
+    old = m.model_dump()
+
+    def fill(row: dict) -> dict:
+        count, meta, positions = fill_rebalanced_shard(index_dir, old, m.template, table, row["shard"],
+                                                       storage.join(index_dir, names[row["shard"]]))
+        return {"shard": row["shard"], "result": pickle.dumps((count, meta, positions))}
+
+    # One row per new shard; Ray Data schedules the fills on the cluster and retries failed ones.
+    rows = ray.data.from_items([{"shard": i} for i in range(num_shards)], override_num_blocks=num_shards) \
+        .map(fill, num_cpus=task_cpus).take_all()
+    done = [pickle.loads(r["result"]) for r in sorted(rows, key=lambda r: r["shard"])]
     sizes = [d[0] for d in done]
     catalog = versioned("catalog.parquet", version)
     write_meta(storage.join(index_dir, catalog), {i: row for d in done for i, row in d[1].items()})

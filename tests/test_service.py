@@ -40,6 +40,17 @@ def test_health_and_stats(client, image_index_dir):
     ix = ShardedIndex.open(str(image_index_dir))
     assert stats["total"] == ix.ntotal and stats["dim"] == ix.dim
     assert [s["count"] for s in stats["shards"]] == [s.ntotal for s in ix.shards]
+    assert all(s["rss_bytes"] > s["load_rss_bytes"] > 0 for s in stats["shards"])
+
+
+def test_embed_returns_the_vector_the_index_holds(client, catalog, image_index_dir):
+    t = read_embeddings(str(image_index_dir / "embeddings"))
+    row = t.column("id").to_pylist().index(catalog["id"][0])
+    r = client.post("/embed", content=open(catalog["uri"][0], "rb").read(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200 and r.json()["dim"] == 1280
+    assert float(np.dot(r.json()["vector"], arrow_to_vectors(t.column("embedding"))[row])) > 0.999
+    bad = client.post("/embed", content=b"not an image", headers={"content-type": "image/jpeg"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"]
 
 
 def test_vector_search_equals_sharded_index(client, image_index_dir, rng):

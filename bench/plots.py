@@ -1,0 +1,91 @@
+"""Markdown tables and PNG plots of a benchmark run."""
+from __future__ import annotations
+
+import os
+
+from bench.common import markdown_table
+
+COLUMNS = {
+    "indexing": ["path", "images", "seconds", "images_per_s", "vs_single_process"],
+    "embedding": ["path", "images", "errors", "images_per_s", "vs_torch_loop", "p50_ms", "p99_ms"],
+    "load": ["mode", "concurrency", "requests", "errors", "p50_ms", "p99_ms", "qps", "saturation", "stopped"],
+    "memory": ["vectors", "factory", "dim", "load_rss_mb", "bytes_per_vector", "code_plus_id_bytes"],
+    "search": ["dataset", "engine", "index", "nprobe", "concurrency", "recall@10", "qps", "ms_per_query", "build_s"],
+}
+TITLES = {
+    "search": "Search: recall@10 vs queries per second (one query per call)",
+    "embedding": "Embedding throughput",
+    "indexing": "Indexing throughput",
+    "load": "Latency under load (HTTP vs in-process)",
+    "memory": "Memory per vector in a shard replica",
+}
+
+
+def markdown(results: dict) -> str:
+    """One section per benchmark that ran, with the machine on top."""
+    m = results["machine"]
+    parts = [f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}; run {m['when']} "
+             f"({'--quick' if results['quick'] else 'full'} sizes, {results.get('seconds', 0):.0f} s)."]
+    for key in ("search", "indexing", "embedding", "load", "memory"):
+        if results.get(key):
+            parts.append(f"### {TITLES[key]}\n\n" + markdown_table(results[key], COLUMNS[key]))
+    return "\n\n".join(parts)
+
+
+def plot_all(results: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if results.get("search"):
+        datasets = list(dict.fromkeys(r["dataset"] for r in results["search"]))
+        fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+        for ax, ds in zip(axes[0], datasets):
+            rows = [r for r in results["search"] if r["dataset"] == ds and "qps" in r]
+            for engine in dict.fromkeys((r["engine"], r["concurrency"]) for r in rows):
+                rs = [r for r in rows if (r["engine"], r["concurrency"]) == engine]
+                label = engine[0] + (f" c={engine[1]}" if engine[1] > 1 else "")
+                ax.plot([r["recall@10"] for r in rs], [r["qps"] for r in rs], marker="o", label=label)
+            ax.set_yscale("log")
+            ax.set_xlabel("recall@10")
+            ax.set_ylabel("queries per second")
+            ax.set_title(ds, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "search.png"), dpi=110)
+        plt.close(fig)
+    if results.get("load"):
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for mode in dict.fromkeys(r["mode"] for r in results["load"]):
+            rs = [r for r in results["load"] if r["mode"] == mode]
+            a.plot([r["concurrency"] for r in rs], [r["qps"] for r in rs], marker="o", label=mode)
+            b.plot([r["concurrency"] for r in rs], [r["p99_ms"] for r in rs], marker="o", label=mode)
+        for ax, title in ((a, "queries per second"), (b, "p99 latency (ms)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        b.set_yscale("log")
+        a.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "load.png"), dpi=110)
+        plt.close(fig)
+    bars = [(k, "path", "images_per_s", "images per second") for k in ("indexing", "embedding")]
+    bars.append(("memory", "vectors", "bytes_per_vector", "resident bytes per vector"))
+    for key, label, value, title in bars:
+        rows = results.get(key)
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        names = [str(r[label]) for r in rows]
+        ax.barh(names, [r[value] for r in rows])
+        if key == "memory":
+            ax.axvline(rows[0]["code_plus_id_bytes"], color="k", ls="--", label="code + id bytes")
+            ax.legend(fontsize=8)
+        ax.set_title(title)
+        ax.tick_params(labelsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"{key}.png"), dpi=110)
+        plt.close(fig)

@@ -1,0 +1,412 @@
+"""Contrastive training of the embedding model on Ray Train.
+
+Positives come from three sources, each a way of saying "these two pictures should be near":
+  - augmentation: two random views of one image (always part of every view);
+  - labels (`path,category`): images of one category;
+  - clicks (JSONL `{"query", "clicked"}`): a query image and the image a user picked for it.
+A batch holds several positive groups; every other view in it is a negative (SupCon / NT-Xent).
+
+The backbone is frozen (default) or has its last `train.unfreeze_last` layers trained at lr/10; a
+projection head maps its features to `train.out_dim` and the output is L2-normalised. With a
+frozen backbone each image's features are computed once for `train.bank_views` views (the first
+is the plain image, the rest augmented) and reused every epoch, which makes CPU training practical.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from configs.schema import AppConfig, DecodeConfig, ModelConfig, TrainConfig
+from embedding.augment import view_transform, views
+from embedding.losses import supcon_loss
+from embedding.model import EmbeddingNet, export_model, projection_head, to_input
+
+LOG = logging.getLogger(__name__)
+RUN_NAME = "run"  # Ray Train run folder under --out: same name + storage resumes from its checkpoints
+MODEL_FILE = "model.pt"
+
+
+class TrainError(ValueError):
+    """Training inputs that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class TrainData:
+    """Training images (paths under root), their positive groups, and the held-out images."""
+
+    root: str
+    paths: list[str]
+    categories: Optional[list[int]] = None
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    heldout: list[str] = field(default_factory=list)
+    heldout_categories: Optional[list[str]] = None
+
+
+def load_sources(images: str, labels_csv: Optional[str], pairs_jsonl: Optional[str], cfg: AppConfig) -> TrainData:
+    """Read the sources and split off the held-out images (per category when labelled)."""
+    from indexing.storage import list_files
+
+    t, rng = cfg.train, random.Random(cfg.train.seed)
+    if not os.path.isdir(images):
+        raise TrainError(f"--images {images}: not a folder")
+    if labels_csv:
+        rows = _read_labels(labels_csv, images)
+        by_cat: dict[str, list[str]] = {}
+        for p, c in rows:
+            by_cat.setdefault(c, []).append(p)
+        train, held = [], []
+        for c in sorted(by_cat):
+            ps = sorted(by_cat[c])
+            rng.shuffle(ps)
+            n_held = int(round(len(ps) * t.holdout))
+            held += [(p, c) for p in ps[:n_held]]
+            train += [(p, c) for p in ps[n_held:]]
+        names = sorted(by_cat)
+        data = TrainData(images, [p for p, _ in train], [names.index(c) for _, c in train],
+                         heldout=[p for p, _ in held], heldout_categories=[c for _, c in held])
+    else:
+        files = [rel for _, rel in list_files(images, cfg.build.extensions)]
+        rng.shuffle(files)
+        n_held = int(round(len(files) * t.holdout))
+        data = TrainData(images, files[n_held:], heldout=files[:n_held])
+    if pairs_jsonl:
+        index = {p: i for i, p in enumerate(data.paths)}
+        for q, c in _read_pairs(pairs_jsonl, images):
+            for p in (q, c):
+                if p not in index:
+                    index[p] = len(data.paths)
+                    data.paths.append(p)
+                    if data.categories is not None:
+                        data.categories.append(-1 - len(data.paths))  # a category of its own
+            data.pairs.append((index[q], index[c]))
+    if len(data.paths) < 2:
+        raise TrainError(f"need at least 2 training images, found {len(data.paths)} under {images}")
+    return data
+
+
+def _read_labels(path: str, root: str) -> list[tuple[str, str]]:
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    except OSError as e:
+        raise TrainError(f"--labels {path}: {e.strerror}") from None
+    rows = rows[1:] if rows and rows[0][:2] == ["path", "category"] else rows
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2 or not os.path.isfile(os.path.join(root, r[0]))]
+    if bad:
+        raise TrainError(f"--labels {path}: rows {bad[:5]} need path,category with the path a file under {root}")
+    return [(r[0], r[1]) for r in rows]
+
+
+def _read_pairs(path: str, root: str) -> list[tuple[str, str]]:
+    out = []
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    q, c = obj["query"], obj["clicked"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise TrainError(f"--pairs {path} line {n}: expected {{\"query\": path, \"clicked\": path}}") from None
+                for p in (q, c):
+                    if not os.path.isfile(os.path.join(root, p)):
+                        raise TrainError(f"--pairs {path} line {n}: {p} is not a file under {root}")
+                out.append((q, c))
+    except OSError as e:
+        raise TrainError(f"--pairs {path}: {e.strerror}") from None
+    return out
+
+
+def preload(root: str, paths: list[str], size: int, decode: DecodeConfig) -> np.ndarray:
+    """Decode every training image once into a (N, size, size, 3) uint8 array (views crop from it)."""
+    from embedding.decode import ImageDecodeError, decode_image, resize_rgb
+
+    out = np.empty((len(paths), size, size, 3), np.uint8)
+    for i, p in enumerate(paths):
+        with open(os.path.join(root, p), "rb") as f:
+            try:
+                out[i] = resize_rgb(decode_image(f.read(), max_bytes=decode.max_bytes, max_pixels=decode.max_pixels), size)
+            except ImageDecodeError as e:
+                raise TrainError(f"{os.path.join(root, p)}: {e}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------- batches
+
+def epoch_batches(data: dict, t: TrainConfig, epoch: int) -> list[list[tuple[int, int]]]:
+    """Batches of (image index, label) items; items with one label are positives of each other.
+
+    Labelled: groups of `per_class` images of one category, two views each. Otherwise: images, two
+    views each. Click pairs: query and clicked, one view each. Labels are unique per batch group."""
+    rng = random.Random(t.seed * 100_003 + epoch)
+    n, cats = data["n"], data["categories"]
+    groups: list[tuple[tuple, list[int]]] = []  # (positive key, image indices, one per view)
+    if cats is not None:
+        by_cat: dict[int, list[int]] = {}
+        for i, c in enumerate(cats):
+            by_cat.setdefault(c, []).append(i)
+        for c, members in by_cat.items():
+            rng.shuffle(members)
+            groups += [(("category", c), [i for i in members[s : s + t.per_class] for _ in (0, 1)])
+                       for s in range(0, len(members), t.per_class)]
+    else:
+        groups = [(("image", i), [i, i]) for i in range(n)]
+    groups += [(("pair", j), [q, c]) for j, (q, c) in enumerate(data["pairs"])]
+    rng.shuffle(groups)
+    batches, cur, labels = [], [], {}
+    for key, members in groups:
+        if cur and len(cur) + len(members) > t.batch_size:
+            batches.append(cur)
+            cur, labels = [], {}
+        label = labels.setdefault(key, len(labels))  # two groups of one category stay positives
+        cur += [(i, label) for i in members]
+    if cur:
+        batches.append(cur)
+    return [b for b in batches if len(b) >= 4]
+
+
+# ------------------------------------------------------------------------------- the worker loop
+
+def _trainable_layers(backbone: torch.nn.Module, last: int) -> list[torch.nn.Parameter]:
+    """Parameters of the last `last` weight-holding modules of the backbone (frozen: none)."""
+    layers = [m for m in backbone.modules() if any(True for _ in m.parameters(recurse=False))]
+    return [p for m in (layers[-last:] if last else []) for p in m.parameters(recurse=False)]
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker: build the model, (re)load the checkpoint, train, report each epoch."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from embedding.backbones import load_backbone
+
+    t, model_cfg = TrainConfig(**config["train"]), ModelConfig(**config["model"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(t.seed + rank)
+    pixels = ray.get(config["pixels"])
+    data = config["data"]
+
+    net = EmbeddingNet(load_backbone(model_cfg.name, model_cfg.weights), model_cfg.pooling).to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    tail = _trainable_layers(net.backbone, t.unfreeze_last)
+    for p in tail:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        in_dim = net.features(torch.zeros(1, 3, 32, 32, device=device)).shape[1]
+    head_dims = (in_dim, t.out_dim, t.hidden_dim or in_dim)
+    net.head = projection_head(*head_dims).to(device)
+    params = [{"params": net.head.parameters(), "lr": t.lr}]
+    if tail:
+        params.append({"params": tail, "lr": t.lr / 10})
+    opt = torch.optim.AdamW(params, weight_decay=t.weight_decay)
+
+    start, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
+        net.load_state_dict(state["net"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["epoch"] + 1, state["history"]
+        if rank == 0:
+            print(f"resuming after epoch {state['epoch'] + 1} from {ckpt.path}", flush=True)
+    tail_ids = {id(p) for p in tail}
+    trained_names = {n for n, p in net.named_parameters() if n.startswith("head.") or id(p) in tail_ids}
+
+    def trained_state() -> dict:
+        """Only what training changes (the backbone stays in eval mode, so its statistics do not move)."""
+        return {k: v for k, v in net.state_dict().items() if k in trained_names}
+
+    # DDP averages gradients of what trains: the head, plus the unfrozen tail if any.
+    trainable = ray.train.torch.prepare_model(net if tail else net.head, move_to_device=False)
+    transform = view_transform(model_cfg.image_size, t.crop_scale_min, t.hue_jitter)
+
+    def backbone_features(batch_pixels: torch.Tensor) -> torch.Tensor:
+        return net.features(to_input(batch_pixels.to(device), model_cfg.mean, model_cfg.std))
+
+    bank = None
+    if not tail:  # frozen: each view's features once, reused every epoch
+        from embedding.decode import resize_rgb
+        from PIL import Image
+
+        plain = np.stack([resize_rgb(Image.fromarray(x), model_cfg.image_size) for x in pixels])
+        t0, rows = time.time(), []
+        with torch.no_grad():
+            for s in range(0, len(pixels), model_cfg.batch_size):
+                idx = range(s, min(s + model_cfg.batch_size, len(pixels)))
+                per_view = [backbone_features(torch.from_numpy(plain[idx.start : idx.stop]))]
+                per_view += [backbone_features(views(pixels, idx, transform)) for _ in range(t.bank_views - 1)]
+                rows.append(torch.stack(per_view, dim=1))
+        bank = torch.cat(rows)  # (N, V, F)
+        if rank == 0:
+            print(f"feature bank: {len(pixels)} images x {t.bank_views} views in {time.time() - t0:.1f} s", flush=True)
+
+    def forward(items: list[tuple[int, int]], rng: random.Random) -> torch.Tensor:
+        idx = [i for i, _ in items]
+        if bank is None:
+            z = trainable(to_input(views(pixels, idx, transform).to(device), model_cfg.mean, model_cfg.std))
+        else:
+            used: dict[int, list[int]] = {}
+            chosen = []
+            for i in idx:  # distinct views for the two copies of one image
+                order = used.setdefault(i, rng.sample(range(t.bank_views), t.bank_views))
+                chosen.append(order.pop() if order else rng.randrange(t.bank_views))
+            z = trainable(bank[idx, chosen])
+        return z
+
+    def batch_loss(items, rng) -> torch.Tensor:
+        labels = torch.tensor([lab for _, lab in items], device=device)
+        return supcon_loss(forward(items, rng), labels, t.temperature)
+
+    def held_loss() -> float:
+        """Loss on fixed batches and fixed views, comparable across epochs."""
+        torch.manual_seed(12345)
+        rng = random.Random(12345)
+        with torch.no_grad():
+            losses = [batch_loss(b, rng).item() for b in epoch_batches(data, t, -1)[:8]]
+        torch.manual_seed(t.seed + rank + 1000 * len(history))
+        return float(np.mean(losses))
+
+    if start == 0:
+        history.append({"epoch": 0, "loss": None, "val_loss": held_loss()})
+        if rank == 0:
+            print(f"epoch 0/{t.epochs}: fixed-batch loss {history[0]['val_loss']:.4f} (before training)", flush=True)
+    for epoch in range(start, t.epochs):
+        t0, rng = time.time(), random.Random(t.seed * 7919 + epoch * 31 + rank)
+        mine = epoch_batches(data, t, epoch)[rank::world]
+        net.head.train()
+        losses = []
+        for items in mine:
+            loss = batch_loss(items, rng)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        net.head.eval()
+        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"), "val_loss": held_loss(),
+               "steps": len(mine), "seconds": round(time.time() - t0, 2)}
+        history.append(row)
+        metrics = dict(row)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{t.epochs}: loss {row['loss']:.4f}, fixed-batch loss {row['val_loss']:.4f} "
+                  f"({len(mine)} steps, {row['seconds']:.1f} s)", flush=True)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"epoch": epoch, "net": trained_state(), "optimizer": opt.state_dict(),
+                            "history": history, "head_dims": list(head_dims)}, os.path.join(d, "state.pt"))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+# ------------------------------------------------------------------------------------ the driver
+
+def run_training(images: str, out: str, cfg: AppConfig, labels: Optional[str] = None, pairs: Optional[str] = None,
+                 resume: bool = False) -> dict:
+    """Train, export `OUT/model.pt`, evaluate pretrained vs trained on the held-out images."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from embedding.model import is_export
+
+    t = cfg.train
+    out = os.path.abspath(out)
+    if is_export(cfg.model.weights):
+        raise TrainError(f"model.weights {cfg.model.weights} is a trained export; training starts from a backbone")
+    if os.path.isdir(os.path.join(out, RUN_NAME)) and not resume:
+        raise TrainError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
+    data = load_sources(images, labels, pairs, cfg)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    pixels = preload(images, data.paths, round(cfg.model.image_size * 8 / 7), cfg.decode)
+    print(f"{len(data.paths)} training images ({'labelled' if data.categories else 'self-supervised'}"
+          f"{f', {len(data.pairs)} click pairs' if data.pairs else ''}), {len(data.heldout)} held out; "
+          f"decoded in {time.time() - t0:.1f} s", flush=True)
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    use_gpu = t.use_gpu == "yes" or (t.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"train": t.model_dump(), "model": cfg.model.model_dump(), "pixels": ray.put(pixels),
+                           "data": {"n": len(data.paths), "categories": data.categories, "pairs": data.pairs}},
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=RUN_NAME, storage_path=out, checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise TrainError(f"training produced no checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    path = export(state, cfg.model, os.path.join(out, MODEL_FILE))
+    summary = {"model": path, "epochs": state["epoch"] + 1, "history": state["history"],
+               "train_images": len(data.paths), "heldout_images": len(data.heldout), "seconds": round(time.time() - t0, 1)}
+    summary["evaluation"] = evaluate_before_after(data, cfg, path, out)
+    with open(os.path.join(out, "train.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def export(state: dict, model_cfg: ModelConfig, path: str) -> str:
+    """The checkpoint's network as one file `model.weights` loads."""
+    from embedding.backbones import load_backbone
+
+    net = EmbeddingNet(load_backbone(model_cfg.name, model_cfg.weights), model_cfg.pooling)
+    net.head = projection_head(*state["head_dims"])
+    unexpected = net.load_state_dict(state["net"], strict=False).unexpected_keys
+    if unexpected:
+        raise TrainError(f"checkpoint holds weights the model does not have: {sorted(unexpected)[:3]}")
+    export_model(net, model_cfg.name, model_cfg.pooling, tuple(state["head_dims"]), path)
+    return path
+
+
+def evaluate_before_after(data: TrainData, cfg: AppConfig, trained: str, out: str) -> dict:
+    """The evaluation job on the held-out images, pretrained vs trained: category leave-one-out
+    (nDCG@10, P@10, mAP) with labels, and near-duplicate recall@1 under heavy edits always."""
+    from embedding.embedder import Embedder
+    from evaluation.edits import HEAVY_EDITS, near_duplicate_recall
+    from evaluation.run import category_judgements, in_process_searcher, read_images, run_evaluation
+
+    if not data.heldout:
+        return {}
+    models = {"pretrained": cfg.model, "trained": cfg.model.model_copy(update={"weights": trained})}
+    report: dict = {name: {} for name in models}
+    if data.heldout_categories:
+        held_csv = os.path.join(out, "heldout.csv")
+        with open(held_csv, "w", newline="") as f:
+            csv.writer(f).writerows([("path", "category"), *zip(data.heldout, data.heldout_categories)])
+        judged = category_judgements(held_csv)
+        for name, m in models.items():
+            search, _ = in_process_searcher(data.root, judged.database, cfg.model_copy(update={"model": m}), "Flat")
+            r = run_evaluation(judged, search, k=10)
+            report[name].update({k: r[k] for k in ("ndcg@10", "p@10", "map")})
+    originals = read_images(data.root, data.heldout)
+    for name, m in models.items():
+        report[name]["near_dup_recall@1_heavy"] = near_duplicate_recall(Embedder(m, cfg.decode), originals, **HEAVY_EDITS)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """Before and after, side by side."""
+    if not report:
+        return "no held-out images: nothing evaluated (train.holdout is 0)"
+    lines = [f"{'metric':<26}{'pretrained':>12}{'trained':>12}{'change':>10}"]
+    for k in report["pretrained"]:
+        a, b = report["pretrained"][k], report["trained"][k]
+        lines.append(f"{k:<26}{a:>12.4f}{b:>12.4f}{b - a:>+10.4f}")
+    return "\n".join(lines)

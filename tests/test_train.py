@@ -1,0 +1,122 @@
+"""Contrastive training: the loss, the batches, and a short real run on Ray Train that lowers the
+loss, resumes from its checkpoint and exports a model the embedder loads."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configs.schema import ModelConfig, TrainConfig, load_config
+from embedding.losses import supcon_loss
+from embedding.train import TrainError, epoch_batches, load_sources, run_training
+from tests.images import picture
+
+
+def test_supcon_with_two_views_is_nt_xent():
+    z = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    labels = torch.tensor([0, 1, 0, 1])
+    s = (z @ z.T / 0.5).numpy()
+    expected = []
+    for i, p in [(0, 2), (1, 3), (2, 0), (3, 1)]:  # hand-written NT-Xent, anchor i with positive p
+        others = [math.exp(s[i, a]) for a in range(4) if a != i]
+        expected.append(-math.log(math.exp(s[i, p]) / sum(others)))
+    assert supcon_loss(z, labels, 0.5).item() == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_supcon_rewards_separation_and_needs_positives():
+    apart = torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0], [0, 1.0]])
+    mixed = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0], [0, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    assert supcon_loss(apart, labels, 0.1) < supcon_loss(mixed, labels, 0.1)
+    with pytest.raises(ValueError, match="no positive"):
+        supcon_loss(apart, torch.arange(4), 0.1)
+
+
+def test_batches_hold_positive_groups():
+    t = TrainConfig(batch_size=12, per_class=3)
+    data = {"n": 30, "categories": [i % 5 for i in range(30)], "pairs": [(0, 7)]}
+    batches = epoch_batches(data, t, epoch=0)
+    seen = [i for b in batches for i, _ in b]
+    assert sorted(set(seen)) == list(range(30)) and all(4 <= len(b) <= 12 for b in batches)
+    for b in batches:
+        labels = [lab for _, lab in b]
+        assert all(labels.count(lab) >= 2 for lab in labels)  # every view has a positive
+        for (i, li), (j, lj) in zip(b, b[1:]):
+            if li == lj and data["categories"][i] != data["categories"][j]:
+                assert {i, j} == {0, 7}  # the click pair is the only cross-category positive
+    self_sup = epoch_batches({"n": 10, "categories": None, "pairs": []}, t, epoch=1)
+    assert all(b[k][0] == b[k + 1][0] for b in self_sup for k in range(0, len(b), 2))  # two views per image
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "img"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for i in range(16):
+        (root / ("a" if i < 8 else "b") / f"p{i:02d}.jpg").write_bytes(picture(i))
+    return root
+
+
+def small_config(**train):
+    return load_config(None, {
+        "model": {"image_size": 64, "batch_size": 16},
+        "train": {"epochs": 1, "batch_size": 8, "bank_views": 3, "cpus_per_worker": 0.25, "holdout": 0.25,
+                  "lr": 0.01, "out_dim": 32, "hidden_dim": 64, **train},
+    })
+
+
+def test_short_run_lowers_loss_resumes_and_exports(ray_session, images, tmp_path):
+    from embedding.embedder import Embedder
+
+    out = tmp_path / "out"
+    s = run_training(str(images), str(out), small_config())
+    before, after = s["history"][0]["val_loss"], s["history"][1]["val_loss"]
+    assert after < before, s["history"]
+    assert s["train_images"] == 12 and s["heldout_images"] == 4
+    assert set(s["evaluation"]["trained"]) == {"near_dup_recall@1_heavy"}
+    assert json.loads((out / "train.json").read_text())["epochs"] == 1
+
+    emb = Embedder(ModelConfig(image_size=64, weights=s["model"]))
+    x = emb.embed_bytes([picture(i) for i in range(5)])
+    assert x.shape == (5, 32) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    base = Embedder(ModelConfig(image_size=64)).embed_bytes([picture(0)])
+    assert base.shape == (1, 1280)
+
+    with pytest.raises(TrainError, match="--resume"):
+        run_training(str(images), str(out), small_config())
+    s2 = run_training(str(images), str(out), small_config(epochs=2), resume=True)
+    assert s2["epochs"] == 2 and [h["epoch"] for h in s2["history"]] == [0, 1, 2]
+    assert s2["history"][1] == s["history"][1]  # epoch 1 came from the checkpoint, not a rerun
+
+
+def test_sources_are_checked(images, tmp_path):
+    cfg = small_config()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,category\n" + "".join(f"{p.relative_to(images)},{p.parent.name}\n"
+                                                   for p in sorted(images.rglob("*.jpg"))))
+    data = load_sources(str(images), str(labels), None, cfg)
+    assert len(data.paths) == 12 and sorted(set(data.heldout_categories)) == ["a", "b"]  # held out per category
+    labels.write_text("path,category\nmissing.jpg,a\n")
+    with pytest.raises(TrainError, match="rows \\[1\\]"):
+        load_sources(str(images), str(labels), None, cfg)
+    pairs = tmp_path / "clicks.jsonl"
+    pairs.write_text('{"query": "a/p00.jpg", "clicked": "b/p08.jpg"}\nnot json\n')
+    with pytest.raises(TrainError, match="line 2"):
+        load_sources(str(images), None, str(pairs), cfg)
+    pairs.write_text('{"query": "a/p00.jpg", "clicked": "b/p08.jpg"}\n')
+    assert load_sources(str(images), None, str(pairs), cfg).pairs
+
+
+def test_unfrozen_tail_trains_only_the_last_layers(ray_session, images, tmp_path):
+    from embedding.model import build_model
+
+    s = run_training(str(images), str(tmp_path / "out"), small_config(unfreeze_last=3, holdout=0))
+    base = build_model(ModelConfig()).state_dict()
+    trained = build_model(ModelConfig(weights=s["model"])).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    # the head conv and its batch norm's affine weights; running statistics stay (eval mode)
+    assert changed == {"backbone.net._conv_head.weight", "backbone.net._bn1.weight", "backbone.net._bn1.bias"}
+    assert s["evaluation"] == {}  # nothing held out
