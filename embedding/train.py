@@ -288,7 +288,11 @@ def train_loop(config: dict) -> None:
             print(f"epoch 0/{t.epochs}: fixed-batch loss {history[0]['val_loss']:.4f} (before training)", flush=True)
     for epoch in range(start, t.epochs):
         t0, rng = time.time(), random.Random(t.seed * 7919 + epoch * 31 + rank)
-        mine = epoch_batches(data, t, epoch)[rank::world]
+        batches = epoch_batches(data, t, epoch)
+        per = len(batches) // world  # every rank takes as many steps, or DDP's all-reduce waits forever
+        if per == 0:
+            raise TrainError(f"{len(batches)} batches cannot feed {world} workers: lower train.workers or batch_size")
+        mine = batches[rank * per : (rank + 1) * per]
         net.head.train()
         losses = []
         for items in mine:

@@ -120,3 +120,10 @@ def test_unfrozen_tail_trains_only_the_last_layers(ray_session, images, tmp_path
     # the head conv and its batch norm's affine weights; running statistics stay (eval mode)
     assert changed == {"backbone.net._conv_head.weight", "backbone.net._bn1.weight", "backbone.net._bn1.bias"}
     assert s["evaluation"] == {}  # nothing held out
+
+
+def test_two_workers_train_data_parallel(ray_session, images, tmp_path):
+    # 12 training images x 2 views in batches of 8 views: 3 batches, so one step per worker;
+    # unequal step counts would leave DDP's all-reduce waiting forever.
+    s = run_training(str(images), str(tmp_path / "out"), small_config(workers=2, epochs=2))
+    assert s["epochs"] == 2 and [h["steps"] for h in s["history"][1:]] == [1, 1]
