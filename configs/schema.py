@@ -124,7 +124,10 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     temperature: PositiveFloat = Field(0.1, description="softmax temperature of the NT-Xent / SupCon loss")
     out_dim: PositiveInt = Field(256, description="embedding dimension after the projection head")
-    hidden_dim: Optional[PositiveInt] = Field(None, description="head hidden width; None: the backbone's width")
+    hidden_dim: Optional[int] = Field(None, ge=0, description="head hidden width; None: the backbone's width; 0: one linear layer")
+    head_init: Literal["random", "pca"] = Field(
+        "random", description="pca: a linear head (hidden_dim 0) on a frozen backbone starts as the projection on the "
+        "top principal directions of the training features, so training starts from the pretrained model's geometry")
     unfreeze_last: int = Field(0, ge=0, description="backbone layers (weight-holding modules, from the end) to train; 0 = frozen")
     bank_views: PositiveInt = Field(6, description="frozen backbone: augmented views per image embedded once and reused every epoch")
     crop_scale_min: float = Field(0.25, gt=0, le=1, description="smallest random-resized-crop area fraction")
@@ -134,6 +137,12 @@ class TrainConfig(_Strict):
     cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs reserved per worker")
     use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="one GPU per worker: auto = when the cluster has GPUs")
     seed: int = Field(0, description="seed of the split, the augmentations and the batches")
+
+    @model_validator(mode="after")
+    def _pca_needs_linear_frozen(self):
+        if self.head_init == "pca" and (self.hidden_dim != 0 or self.unfreeze_last):
+            raise ValueError("head_init 'pca' needs hidden_dim: 0 (a linear head) and unfreeze_last: 0 (a frozen backbone)")
+        return self
 
 
 class AppConfig(_Strict):

@@ -40,7 +40,10 @@ def to_input(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def projection_head(in_dim: int, out_dim: int, hidden_dim: Optional[int] = None) -> nn.Module:
-    """Two-layer MLP head as in SimCLR; hidden defaults to in_dim."""
+    """Two-layer MLP head as in SimCLR (hidden defaults to in_dim), or one linear layer when
+    hidden_dim is 0."""
+    if hidden_dim == 0:
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
     hidden_dim = hidden_dim or in_dim
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 

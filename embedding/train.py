@@ -184,6 +184,15 @@ def _trainable_layers(backbone: torch.nn.Module, last: int) -> list[torch.nn.Par
     return [p for m in (layers[-last:] if last else []) for p in m.parameters(recurse=False)]
 
 
+def init_pca(layer: torch.nn.Linear, features: torch.Tensor) -> None:
+    """Set a linear layer to the centred projection on the top principal directions of `features`."""
+    mean = features.mean(dim=0)
+    _, _, vh = torch.linalg.svd(features - mean, full_matrices=False)
+    with torch.no_grad():
+        layer.weight.copy_(vh[: layer.out_features])
+        layer.bias.copy_(-(vh[: layer.out_features] @ mean))
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker: build the model, (re)load the checkpoint, train, report each epoch."""
     import ray
@@ -208,7 +217,7 @@ def train_loop(config: dict) -> None:
         p.requires_grad_(True)
     with torch.no_grad():
         in_dim = net.features(torch.zeros(1, 3, 32, 32, device=device)).shape[1]
-    head_dims = (in_dim, t.out_dim, t.hidden_dim or in_dim)
+    head_dims = (in_dim, t.out_dim, in_dim if t.hidden_dim is None else t.hidden_dim)
     net.head = projection_head(*head_dims).to(device)
     params = [{"params": net.head.parameters(), "lr": t.lr}]
     if tail:
@@ -246,6 +255,7 @@ def train_loop(config: dict) -> None:
 
         plain = np.stack([resize_rgb(Image.fromarray(x), model_cfg.image_size) for x in pixels])
         t0, rows = time.time(), []
+        torch.manual_seed(t.seed)  # the same bank on every worker (and so the same PCA start)
         with torch.no_grad():
             for s in range(0, len(pixels), model_cfg.batch_size):
                 idx = range(s, min(s + model_cfg.batch_size, len(pixels)))
@@ -255,6 +265,9 @@ def train_loop(config: dict) -> None:
         bank = torch.cat(rows)  # (N, V, F)
         if rank == 0:
             print(f"feature bank: {len(pixels)} images x {t.bank_views} views in {time.time() - t0:.1f} s", flush=True)
+        if t.head_init == "pca" and start == 0:
+            init_pca(net.head[0], bank.reshape(-1, bank.shape[-1]))
+        torch.manual_seed(t.seed + rank)
 
     def forward(items: list[tuple[int, int]], rng: random.Random) -> torch.Tensor:
         idx = [i for i, _ in items]

@@ -127,3 +127,20 @@ def test_two_workers_train_data_parallel(ray_session, images, tmp_path):
     # unequal step counts would leave DDP's all-reduce waiting forever.
     s = run_training(str(images), str(tmp_path / "out"), small_config(workers=2, epochs=2))
     assert s["epochs"] == 2 and [h["steps"] for h in s["history"][1:]] == [1, 1]
+
+
+def test_pca_start_keeps_the_principal_geometry():
+    from configs.schema import ConfigError
+    from embedding.model import projection_head
+    from embedding.train import init_pca
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 3, generator=g) @ torch.tensor([[5.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0.1, 0]]) + 3
+    head = projection_head(4, 2, 0)
+    assert len(head) == 1  # hidden_dim 0: one linear layer
+    init_pca(head[0], x)
+    y = head(x).detach()
+    assert torch.allclose(y.mean(0), torch.zeros(2), atol=1e-4)  # centred
+    assert torch.allclose(y.std(0), torch.tensor([5.0, 2.0]), rtol=0.1)  # the two largest directions
+    with pytest.raises(ConfigError, match="head_init"):
+        load_config(None, {"train": {"head_init": "pca"}})  # an MLP head cannot start as PCA
