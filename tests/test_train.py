@@ -2,6 +2,7 @@
 loss, resumes from its checkpoint and exports a model the embedder loads."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -55,8 +56,8 @@ def images(tmp_path):
     root = tmp_path / "img"
     (root / "a").mkdir(parents=True)
     (root / "b").mkdir()
-    for i in range(16):
-        (root / ("a" if i < 8 else "b") / f"p{i:02d}.jpg").write_bytes(picture(i))
+    for i in range(24):  # 18 train (5 batches of up to 8 views), 6 held out
+        (root / ("a" if i < 12 else "b") / f"p{i:02d}.jpg").write_bytes(picture(i))
     return root
 
 
@@ -75,7 +76,7 @@ def test_short_run_lowers_loss_resumes_and_exports(ray_session, images, tmp_path
     s = run_training(str(images), str(out), small_config())
     before, after = s["history"][0]["val_loss"], s["history"][1]["val_loss"]
     assert after < before, s["history"]
-    assert s["train_images"] == 12 and s["heldout_images"] == 4
+    assert s["train_images"] == 18 and s["heldout_images"] == 6
     assert set(s["evaluation"]["trained"]) == {"near_dup_recall@1_heavy"}
     assert json.loads((out / "train.json").read_text())["epochs"] == 1
 
@@ -98,15 +99,15 @@ def test_sources_are_checked(images, tmp_path):
     labels.write_text("path,category\n" + "".join(f"{p.relative_to(images)},{p.parent.name}\n"
                                                    for p in sorted(images.rglob("*.jpg"))))
     data = load_sources(str(images), str(labels), None, cfg)
-    assert len(data.paths) == 12 and sorted(set(data.heldout_categories)) == ["a", "b"]  # held out per category
+    assert len(data.paths) == 18 and sorted(set(data.heldout_categories)) == ["a", "b"]  # held out per category
     labels.write_text("path,category\nmissing.jpg,a\n")
     with pytest.raises(TrainError, match="rows \\[1\\]"):
         load_sources(str(images), str(labels), None, cfg)
     pairs = tmp_path / "clicks.jsonl"
-    pairs.write_text('{"query": "a/p00.jpg", "clicked": "b/p08.jpg"}\nnot json\n')
+    pairs.write_text('{"query": "a/p00.jpg", "clicked": "b/p12.jpg"}\nnot json\n')
     with pytest.raises(TrainError, match="line 2"):
         load_sources(str(images), None, str(pairs), cfg)
-    pairs.write_text('{"query": "a/p00.jpg", "clicked": "b/p08.jpg"}\n')
+    pairs.write_text('{"query": "a/p00.jpg", "clicked": "b/p12.jpg"}\n')
     assert load_sources(str(images), None, str(pairs), cfg).pairs
 
 
@@ -123,10 +124,10 @@ def test_unfrozen_tail_trains_only_the_last_layers(ray_session, images, tmp_path
 
 
 def test_two_workers_train_data_parallel(ray_session, images, tmp_path):
-    # 12 training images x 2 views in batches of 8 views: 3 batches, so one step per worker;
+    # 18 training images x 2 views in batches of 8 views: 5 batches, so two steps per worker;
     # unequal step counts would leave DDP's all-reduce waiting forever.
     s = run_training(str(images), str(tmp_path / "out"), small_config(workers=2, epochs=2))
-    assert s["epochs"] == 2 and [h["steps"] for h in s["history"][1:]] == [1, 1]
+    assert s["epochs"] == 2 and [h["steps"] for h in s["history"][1:]] == [2, 2]
 
 
 def test_pca_start_keeps_the_principal_geometry():
@@ -144,3 +145,5 @@ def test_pca_start_keeps_the_principal_geometry():
     assert torch.allclose(y.std(0), torch.tensor([5.0, 2.0]), rtol=0.1)  # the two largest directions
     with pytest.raises(ConfigError, match="head_init"):
         load_config(None, {"train": {"head_init": "pca"}})  # an MLP head cannot start as PCA
+    shipped = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "train-selfsupervised.yaml"))
+    assert shipped.train.head_init == "pca" and shipped.train.hidden_dim == 0
