@@ -59,6 +59,11 @@ def versioned(name: str, version: int) -> str:
     return f"{stem}.v{version}.{ext}" if dot else f"{name}.v{version}"
 
 
+def shard_files(num_shards: int, version: int) -> list[str]:
+    """The shard file names of a manifest version, relative to the index directory."""
+    return [versioned(f"shard-{i:03d}.faiss", version) for i in range(num_shards)]
+
+
 def assign_ids(rel_paths: list[str]) -> np.ndarray:
     """Ids of relative paths; two paths with one id is an error naming both."""
     seen: dict[int, str] = {}
@@ -209,7 +214,7 @@ def write_shards(index_dir: str, version: int, template: bytes, emb_uri: str, nu
     import ray
 
     task = ray.remote(num_cpus=b.shard_task_cpus)(fill_shard)
-    names = [versioned(f"shard-{i:03d}.faiss", version) for i in range(num_shards)]
+    names = shard_files(num_shards, version)
     tref = ray.put(template)
     counts = ray.get(
         [task.remote(tref, emb_uri, i, storage.join(index_dir, names[i]), b.add_batch_size) for i in range(num_shards)]

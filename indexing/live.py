@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import threading
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import faiss
 import numpy as np
@@ -35,9 +36,14 @@ def live_dir(root: str, version: int) -> str:
     return path
 
 
+def shard_name(shard_no: int) -> str:
+    """The stem of every file of one shard in a live directory."""
+    return f"shard-{shard_no:03d}"
+
+
 def _ensure_state(live: str, manifest: Manifest, shard_no: int) -> dict:
     """The shard's state file, created at generation 0 (the build's shard file) on first use."""
-    name = f"shard-{shard_no:03d}"
+    name = shard_name(shard_no)
     path = os.path.join(live, f"{name}.json")
     if not os.path.exists(path):
         state = {"generation": 0, "index": manifest.shards[shard_no].path, "meta": None, "log": f"{name}.g0.wal"}
@@ -46,19 +52,27 @@ def _ensure_state(live: str, manifest: Manifest, shard_no: int) -> dict:
         return json.load(f)
 
 
+@contextmanager
+def _locked_state(index_dir: str, manifest: Manifest, shard_no: int) -> Iterator[tuple[str, dict]]:
+    """(path stem of the shard's files, its state) under the shard's lock, for writers that do not
+    load the shard."""
+    live = live_dir(storage.resolve(index_dir)[1], manifest.version)
+    stem = os.path.join(live, shard_name(shard_no))
+    with wal.locked(f"{stem}.lock"):
+        yield stem, _ensure_state(live, manifest, shard_no)
+
+
 def read_records_since(index_dir: str, manifest: Manifest, shard_no: int, position: tuple[int, int]) -> list[wal.Record]:
     """Every record a shard logged after `position` = (generation, offset), across compactions.
 
     Compaction keeps the previous generation's log, so a position one generation old still works;
     an older one raises, because those records now exist only inside a snapshot."""
-    live = live_dir(storage.resolve(index_dir)[1], manifest.version)
-    name = f"shard-{shard_no:03d}"
-    with wal.locked(os.path.join(live, f"{name}.lock")):
-        current = _ensure_state(live, manifest, shard_no)["generation"]
+    with _locked_state(index_dir, manifest, shard_no) as (stem, state):
+        current = state["generation"]
         generation, offset = position
         out = []
         for g in range(generation, current + 1):
-            log = os.path.join(live, f"{name}.g{g}.wal")
+            log = f"{stem}.g{g}.wal"
             if g < current and not os.path.exists(log):
                 raise FileNotFoundError(f"{log} was removed by a later compaction: records after generation "
                                         f"{generation} offset {offset} can no longer be replayed")
@@ -69,10 +83,8 @@ def read_records_since(index_dir: str, manifest: Manifest, shard_no: int, positi
 def append_records(index_dir: str, manifest: Manifest, shard_no: int, records: list[wal.Record]) -> None:
     """Durably append records to a shard's current log without loading the shard; every replica
     serving it applies them before its next search."""
-    live = live_dir(storage.resolve(index_dir)[1], manifest.version)
-    name = f"shard-{shard_no:03d}"
-    with wal.locked(os.path.join(live, f"{name}.lock")):
-        wal.append(os.path.join(live, _ensure_state(live, manifest, shard_no)["log"]), records)
+    with _locked_state(index_dir, manifest, shard_no) as (stem, state):
+        wal.append(os.path.join(os.path.dirname(stem), state["log"]), records)
 
 
 class LiveShard:
@@ -80,7 +92,7 @@ class LiveShard:
 
     def __init__(self, index_dir: str, manifest: Manifest, shard_no: int):
         self.root, self.manifest, self.shard_no = index_dir, manifest, shard_no
-        self.name = f"shard-{shard_no:03d}"
+        self.name = shard_name(shard_no)
         self._mutex = threading.RLock()
         if not storage.is_local(index_dir):
             # Object stores cannot append or lock: such an index is served read-only.

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from indexing import storage
-from indexing.build import versioned
+from indexing.build import shard_files, versioned
 from indexing.catalog import write_meta
 from indexing.ids import shard_of, slot_of
 from indexing.live import LiveShard
@@ -107,7 +107,7 @@ def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05, task_cpu
     counts = np.bincount(slot_of(ids, m.num_slots), minlength=m.num_slots)
     table = plan_rebalance(counts, m.slot_table, num_shards, tolerance)
     version = m.version + 1
-    names = [versioned(f"shard-{i:03d}.faiss", version) for i in range(num_shards)]
+    names = shard_files(num_shards, version)
     old = m.model_dump()
 
     def fill(row: dict) -> dict:
