@@ -9,6 +9,12 @@ import torch
 from torchvision.transforms import v2
 
 
+def source_size(size: int) -> int:
+    """Side of the square images views are cut from: 8/7 of the model input, as ImageNet's
+    256 -> 224 crops, so a full-area crop still downsamples."""
+    return round(size * 8 / 7)
+
+
 def view_transform(size: int, crop_scale_min: float = 0.25, hue: float = 0.1) -> v2.Compose:
     """uint8 (3, H, W) tensor -> a random uint8 (3, size, size) view."""
     return v2.Compose([

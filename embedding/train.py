@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from configs.schema import AppConfig, DecodeConfig, ModelConfig, TrainConfig
-from embedding.augment import view_transform, views
+from embedding.augment import source_size, view_transform, views
 from embedding.losses import supcon_loss
 from embedding.model import EmbeddingNet, export_model, projection_head, to_input
 
@@ -350,7 +350,7 @@ def run_training(images: str, out: str, cfg: AppConfig, labels: Optional[str] = 
     data = load_sources(images, labels, pairs, cfg)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    pixels = preload(images, data.paths, round(cfg.model.image_size * 8 / 7), cfg.decode)
+    pixels = preload(images, data.paths, source_size(cfg.model.image_size), cfg.decode)
     print(f"{len(data.paths)} training images ({'labelled' if data.categories else 'self-supervised'}"
           f"{f', {len(data.pairs)} click pairs' if data.pairs else ''}), {len(data.heldout)} held out; "
           f"decoded in {time.time() - t0:.1f} s", flush=True)
