@@ -33,13 +33,12 @@ def load_cost(index_dir: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def code_bytes(index_dir: str) -> int:
+def code_bytes(index_dir: str, template_path: str) -> int:
     """Bytes of one FAISS code in the index's template, plus the 8-byte id stored with it."""
     from indexing import storage
-    from indexing.manifest import read_manifest
     from indexing.shards import read_index
 
-    template = read_index(storage.join(index_dir, read_manifest(index_dir).template))
+    template = read_index(storage.join(index_dir, template_path))
     ivf = faiss.try_extract_index_ivf(template)
     return (ivf.code_size if ivf is not None else faiss.downcast_index(faiss.downcast_index(template).index).code_size) + 8
 
@@ -49,20 +48,20 @@ def bench_memory(workdir: str, sizes: tuple[int, int], dim: int = 128) -> list[d
     from bench.vectors import synthetic
     from configs.schema import load_config
     from indexing.build import build_from_vectors
+    from indexing.manifest import read_manifest
 
-    rows = []
+    rows, loaded = [], []
     for n in sizes:
         d = os.path.join(workdir, f"memory-{n}-d{dim}")
         if not os.path.exists(os.path.join(d, "manifest.json")):
             build_from_vectors(synthetic(n, dim, queries=1).base, None, d, load_config(), 1, None)
-        cost = load_cost(d)
-        from indexing.manifest import read_manifest
-
-        rows.append({"vectors": cost["vectors"], "factory": read_manifest(d).factory, "dim": dim,
-                     "load_rss_mb": cost["load_rss_bytes"] / 2**20,
-                     "bytes_per_vector": cost["load_rss_bytes"] / cost["vectors"], "code_plus_id_bytes": code_bytes(d)})
+        cost, m = load_cost(d), read_manifest(d)
+        loaded.append(cost)
+        rows.append({"vectors": cost["vectors"], "factory": m.factory, "dim": dim,
+                     "load_rss_mb": cost["load_rss_bytes"] / 2**20, "bytes_per_vector": cost["load_rss_bytes"] / cost["vectors"],
+                     "code_plus_id_bytes": code_bytes(d, m.template)})
     small, big = rows
-    slope = (big["load_rss_mb"] - small["load_rss_mb"]) * 2**20 / (big["vectors"] - small["vectors"])
+    slope = (loaded[1]["load_rss_bytes"] - loaded[0]["load_rss_bytes"]) / (loaded[1]["vectors"] - loaded[0]["vectors"])
     rows.append({"vectors": f"slope {small['vectors']}->{big['vectors']}", "factory": big["factory"], "dim": dim,
                  "bytes_per_vector": slope, "code_plus_id_bytes": big["code_plus_id_bytes"]})
     LOG.info("shard memory: %.0f bytes per vector (code + id: %d)", slope, big["code_plus_id_bytes"])
