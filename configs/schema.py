@@ -87,7 +87,7 @@ class BuildConfig(_Strict):
 
 
 class ServeConfig(_Strict):
-    """The Ray Serve application. Replica counts of the embedder, router, ranker and ingress live in
+    """The Ray Serve application. Replica counts of the embedder and the ingress live in
     serve_config.yaml (Serve's own schema); shard replication lives here because shard deployments
     are created from the manifest."""
 
@@ -97,8 +97,22 @@ class ServeConfig(_Strict):
     shard_replicas: PositiveInt = Field(1, description="replicas per shard deployment (replication factor)")
     shard_num_cpus: PositiveFloat = Field(0.1, description="CPUs reserved per shard replica")
     shard_timeout_s: PositiveFloat = Field(2.0, description="a shard that takes longer is left out (partial answer)")
+    shard_max_ongoing: PositiveInt = Field(16, description="calls one shard replica runs at once (max_ongoing_requests)")
+    shard_max_queued: PositiveInt = Field(64, description="calls waiting for a shard beyond that; more are refused (overloaded)")
     max_batch_size: PositiveInt = Field(16, description="embedder @serve.batch size")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="embedder @serve.batch wait for a fuller batch")
+    embedder_threads: Optional[PositiveInt] = Field(
+        None, description="torch CPU threads per embedder replica; None: every CPU of the host when it has no GPU")
+    search_batch_size: PositiveInt = Field(32, description="requests the Ingress sends to the shards as one matrix (@serve.batch)")
+    search_batch_wait_s: float = Field(
+        0.0, ge=0, description="how long a search batch waits to fill; 0: take what queued while the last batch ran")
+    max_in_flight: PositiveInt = Field(
+        128, description="requests one Ingress replica works on at once; past it a fast 503 'overloaded' + Retry-After")
+    max_hits_per_request: PositiveInt = Field(25_600, description="largest n_vectors x k one request may ask for (422 above)")
+    max_nprobe: PositiveInt = Field(1024, description="largest nprobe a request may ask for (422 above)")
+    embed_timeout_s: PositiveFloat = Field(10.0, description="an upload not embedded in time gets 503 'embedder_timeout'")
+    write_timeout_s: PositiveFloat = Field(
+        10.0, description="a write not acknowledged in time gets 503 'write_outcome_unknown' (it may still apply)")
     dedupe_fetch_factor: PositiveInt = Field(2, description="the ranker fetches k*factor to still return k after dropping duplicates")
     near_duplicate_cosine: Optional[float] = Field(
         0.97, gt=0, le=1, description="collapse results whose cosine to a better result is at least this; null: off")
@@ -111,6 +125,8 @@ class ServeConfig(_Strict):
     def _k(self):
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
+        if self.default_k > self.max_hits_per_request:
+            raise ValueError(f"default_k ({self.default_k}) must be <= max_hits_per_request ({self.max_hits_per_request})")
         return self
 
 

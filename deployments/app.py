@@ -1,10 +1,11 @@
 """The two application builders serve_config.yaml imports.
 
-- `deployments.app:build_index`: one index version: a Shard deployment per shard and the Router
-  in front of them (no HTTP route). Its name carries the version, so a new version deploys beside
-  the old one (`python -m deployments switch`).
-- `deployments.app:build_app`: the HTTP front: Ingress, Embedder and Ranker. Its Ingress finds the
-  index application by name from its user_config, which can change without a restart.
+- `deployments.app:build_index`: one index version: a Shard deployment per shard, bound under an
+  Index entry that describes them (no HTTP route). Its name carries the version, so a new version
+  deploys beside the old one (`python -m deployments switch`).
+- `deployments.app:build_app`: the HTTP front: Ingress and Embedder. Its Ingress finds the index
+  application by name from its user_config, which can change without a restart, and calls that
+  application's shards directly.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from ray import serve
 
 from configs.schema import load_config
 from deployments.embedder import Embedder
+from deployments.index import Index
 from deployments.ingress import Ingress
-from deployments.ranker import Ranker
-from deployments.router import Router
 from deployments.shard import Shard
 from indexing.manifest import read_manifest
 
@@ -39,28 +39,29 @@ class AppArgs(BaseModel):
 
 
 def build_index(args: dict) -> serve.Application:
-    """Shard deployments of one manifest version behind a Router."""
+    """Shard deployments of one manifest version under their Index entry."""
     cfg, index_dir, m = AppArgs.model_validate(args).load()
+    names = [f"Shard{i:03d}" for i in range(m.num_shards)]
     shards = [
         Shard.options(
-            name=f"Shard{i:03d}", num_replicas=cfg.serve.shard_replicas,
-            ray_actor_options={"num_cpus": cfg.serve.shard_num_cpus},
+            name=name, num_replicas=cfg.serve.shard_replicas, ray_actor_options={"num_cpus": cfg.serve.shard_num_cpus},
+            max_ongoing_requests=cfg.serve.shard_max_ongoing, max_queued_requests=cfg.serve.shard_max_queued,
         ).bind(index_dir, m.model_dump(), i, cfg.serve.compact_after_bytes)
-        for i in range(m.num_shards)
+        for i, name in enumerate(names)
     ]
     info = {"version": m.version, "dim": m.dim, "metric": m.metric, "factory": m.factory, "nprobe": m.nprobe,
-            "index_dir": index_dir}
-    return Router.bind(shards, m.slot_table, info, cfg.serve.shard_timeout_s)
+            "index_dir": index_dir, "slot_table": m.slot_table, "shards": names}
+    return Index.bind(shards, info)
 
 
 def build_app(args: dict) -> serve.Application:
-    """The HTTP front: embedder (with the model that built the current index), ranker, ingress."""
+    """The HTTP front: embedder (with the model that built the current index) and ingress."""
     cfg, _, m = AppArgs.model_validate(args).load()
     model_cfg = m.model or cfg.model.model_dump()
-    embedder = Embedder.bind(model_cfg, cfg.decode.model_dump(), cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
-    ranker = Ranker.bind(cfg.serve.near_duplicate_cosine)
+    embedder = Embedder.bind(model_cfg, cfg.decode.model_dump(), cfg.serve.max_batch_size,
+                             cfg.serve.batch_wait_timeout_s, cfg.serve.embedder_threads)
     return Ingress.bind(
-        embedder, ranker, cfg.serve.model_dump(), cfg.decode.model_dump(),
+        embedder, cfg.serve.model_dump(), cfg.decode.model_dump(),
         cfg.serve.write_tokens + _env_list("IMSEARCH_WRITE_TOKENS"), cfg.serve.read_tokens + _env_list("IMSEARCH_READ_TOKENS"),
     )
 

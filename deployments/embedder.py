@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from typing import Optional
 
 import numpy as np
 from ray import serve
@@ -10,14 +12,21 @@ from configs.schema import DecodeConfig, ModelConfig
 from embedding.decode import ImageDecodeError
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, max_queued_requests=128)
 class Embedder:
     """Holds one model; `embed_image` decodes one upload, batching happens across concurrent requests."""
 
-    def __init__(self, model: dict, decode: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005):
+    def __init__(self, model: dict, decode: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
+                 threads: Optional[int] = None):
+        import torch
+
         from embedding.embedder import Embedder as Model
 
         self.model = Model(ModelConfig(**model), DecodeConfig(**decode))
+        if self.model.device.type == "cpu":
+            # Ray pins OMP_NUM_THREADS to the replica's fractional CPU reservation (1 thread); a CPU
+            # embedder is the one stage that needs the whole host to keep up with the shards.
+            torch.set_num_threads(threads or os.cpu_count() or 1)
         self.reconfigure({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
 
     def reconfigure(self, user_config: dict) -> None:

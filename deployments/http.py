@@ -4,12 +4,23 @@ Every rejection is an ApiError that becomes `{"error": {"code", "message"}}` wit
 """
 from __future__ import annotations
 
-import json
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
+import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
+
+BINARY_VECTORS = "application/octet-stream"
+
+
+class JSONResponse(Response):
+    """JSON through orjson: several times faster than json.dumps on result lists, and numpy aware."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class ApiError(Exception):
@@ -87,39 +98,56 @@ def parse_k(raw, default: int, max_k: int) -> int:
     return k
 
 
-def parse_nprobe(raw) -> Optional[int]:
-    """Optional per-request nprobe; 422 unless a positive integer."""
+def parse_nprobe(raw, max_nprobe: int) -> Optional[int]:
+    """Optional per-request nprobe; 422 unless an integer in 1..max_nprobe."""
     if raw is None:
         return None
     try:
-        n = int(raw)
+        n = int(raw) if not isinstance(raw, bool) else 0
     except (TypeError, ValueError):
         n = 0
-    if n < 1 or n > 65536:
-        raise ApiError(422, "invalid_nprobe", f"nprobe must be an integer in 1..65536, got {raw!r}")
+    if n < 1 or n > max_nprobe:
+        raise ApiError(422, "invalid_nprobe", f"nprobe must be an integer in 1..{max_nprobe}, got {raw!r}")
     return n
 
 
-def parse_vector_request(body: bytes, dim: int, max_vectors: int) -> tuple[np.ndarray, bool, dict]:
-    """({"vector": [...]} or {"vectors": [[...]]}) -> ((n, dim) float32, batched?, the JSON object)."""
-    try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
-    if not isinstance(obj, dict) or ("vector" in obj) == ("vectors" in obj):
-        raise ApiError(422, "invalid_request", "JSON must be an object with exactly one of 'vector' or 'vectors'")
-    batched = "vectors" in obj
-    rows = obj["vectors"] if batched else [obj["vector"]]
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
-        raise ApiError(422, "invalid_vector", "'vectors' must be a non-empty list of lists of numbers")
-    if len(rows) > max_vectors:
-        raise ApiError(422, "too_many_vectors", f"{len(rows)} vectors, the limit is {max_vectors}")
-    bad = [len(r) for r in rows if len(r) != dim]
-    if bad:
-        raise ApiError(422, "wrong_dimension", f"vectors must have dimension {dim}, got {bad[0]}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in rows for v in r):
-        raise ApiError(422, "invalid_vector", "vector entries must be numbers")
-    x = np.asarray(rows, dtype=np.float32)
+def parse_vector_request(body: bytes, content_type: str, dim: int, max_vectors: int) -> tuple[np.ndarray, bool, dict]:
+    """Query vectors from a request body -> ((n, dim) float32, batched?, JSON options).
+
+    JSON: {"vector": [...]} or {"vectors": [[...], ...]}, with optional "k", "nprobe", "dedupe".
+    `application/octet-stream`: n*dim little-endian float32 values, options in the query string
+    (no JSON to parse: the cheapest way in for clients that already hold float32 arrays)."""
+    if content_type.split(";")[0].strip().lower() == BINARY_VECTORS:
+        if not body or len(body) % (4 * dim):
+            raise ApiError(422, "wrong_dimension", f"a binary body must hold n x {dim} float32 values "
+                           f"(a multiple of {4 * dim} bytes), got {len(body)} bytes")
+        x = np.frombuffer(body, dtype="<f4").reshape(-1, dim).astype(np.float32)
+        batched, obj = True, {}
+    else:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict) or ("vector" in obj) == ("vectors" in obj):
+            raise ApiError(422, "invalid_request", "JSON must be an object with exactly one of 'vector' or 'vectors'")
+        batched = "vectors" in obj
+        rows = obj["vectors"] if batched else [obj["vector"]]
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+            raise ApiError(422, "invalid_vector", "'vectors' must be a non-empty list of lists of numbers")
+        if len(rows) > max_vectors:
+            raise ApiError(422, "too_many_vectors", f"{len(rows)} vectors, the limit is {max_vectors}")
+        bad = [len(r) for r in rows if len(r) != dim]
+        if bad:
+            raise ApiError(422, "wrong_dimension", f"vectors must have dimension {dim}, got {bad[0]}")
+        try:
+            raw = np.asarray(rows)  # one C pass; strings, nulls or nested lists give a non-numeric dtype
+        except (TypeError, ValueError):
+            raw = np.zeros(0, dtype=object)
+        if raw.dtype.kind not in "iuf":
+            raise ApiError(422, "invalid_vector", "vector entries must be numbers")
+        x = raw.astype(np.float32)
+    if len(x) > max_vectors:
+        raise ApiError(422, "too_many_vectors", f"{len(x)} vectors, the limit is {max_vectors}")
     if not np.isfinite(x).all():
         raise ApiError(422, "invalid_vector", "vector entries must be finite")
     return x, batched, obj
@@ -149,8 +177,8 @@ def parse_image_id(raw: str) -> int:
 def parse_flags(body: bytes) -> dict:
     """{"private": bool, "unsafe": bool}, at least one of them, else 400/422."""
     try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
         raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
     if not isinstance(obj, dict) or not obj or set(obj) - {"private", "unsafe"}:
         raise ApiError(422, "invalid_flags", "body must be a JSON object with 'private' and/or 'unsafe'")

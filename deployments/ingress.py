@@ -1,29 +1,38 @@
-"""Ingress deployment: the HTTP API. Validates and bounds every request, then composes the
-embedder, the index application's router and the ranker.
+"""Ingress deployment: the HTTP API. Validates and bounds every request, then runs the query
+pipeline (deployments/pipeline.py) in its own process: the embedder and the shards are the only
+other deployments a request reaches, so a vector query crosses one hop (Ingress -> every shard
+in parallel) and back.
 
 Which index application it calls, and whether writes are paused, is its user_config: a version
 switch changes both in place, with no restart and no request refused."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from configs.schema import DecodeConfig, ServeConfig
 from deployments.http import (
-    ApiError, check_token, parse_bool, parse_flags, parse_image_id, parse_k, parse_nprobe, parse_vector_request, read_body,
-    read_image,
+    ApiError, JSONResponse, check_token, parse_bool, parse_flags, parse_image_id, parse_k, parse_nprobe,
+    parse_vector_request, read_body, read_image,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, rank, run_batch
 
 LOG = logging.getLogger("ray.serve")
+# Routes that stay open when the Ingress is at its in-flight limit: operators need them most then.
+UNLIMITED = ("/healthz", "/stats")
 
 
 class Routing(BaseModel):
@@ -34,17 +43,48 @@ class Routing(BaseModel):
     writes_paused: bool = Field(False, description="answer writes with 503 + Retry-After (during a version switch)")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+@dataclass
+class IndexVersion:
+    """What the Ingress holds of one index application: its info, shard handles and Router."""
+
+    app: str
+    info: dict
+    shards: list[DeploymentHandle]
+    router: Router
+
+
+def overloaded(what: str) -> ApiError:
+    return ApiError(503, "overloaded", f"{what} is at its queue limit; retry shortly", headers={"Retry-After": "1"})
+
+
+async def _bounded(response, timeout_s: float, on_timeout: ApiError, *, keep_running: bool = False):
+    """Await a handle call for at most timeout_s. `keep_running` leaves the call going on timeout
+    (a write that may already be logged must finish, even when its client has been told 503)."""
+    async def wait():
+        return await response
+
+    task = asyncio.ensure_future(wait())
+    try:
+        return await asyncio.wait_for(asyncio.shield(task) if keep_running else task, timeout_s)
+    except asyncio.TimeoutError:
+        if not keep_running:
+            response.cancel()
+        raise on_timeout from None
+    except BackPressureError:
+        raise overloaded("the service") from None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512, max_queued_requests=512)
 class Ingress:
-    def __init__(
-        self, embedder: DeploymentHandle, ranker: DeploymentHandle, serve_cfg: dict, decode_cfg: dict,
-        write_tokens: list[str], read_tokens: list[str],
-    ):
-        self.embedder, self.ranker = embedder, ranker
+    def __init__(self, embedder: DeploymentHandle, serve_cfg: dict, decode_cfg: dict,
+                 write_tokens: list[str], read_tokens: list[str]):
+        self.embedder = embedder
         self.routing: Routing | None = None  # set by reconfigure (user_config) before any request
-        self.infos: dict[str, dict] = {}
-        self.writes_in_flight = 0
+        self.version: Optional[IndexVersion] = None
+        self.in_flight = self.writes_in_flight = 0
         self.cfg, self.decode = ServeConfig(**serve_cfg), DecodeConfig(**decode_cfg)
+        self._search_batch.set_max_batch_size(self.cfg.search_batch_size)
+        self._search_batch.set_batch_wait_timeout_s(self.cfg.search_batch_wait_s)
         self.write_tokens = frozenset(write_tokens)
         self.read_tokens = frozenset(read_tokens) | self.write_tokens if read_tokens else None
         self.routes = [
@@ -59,44 +99,60 @@ class Ingress:
     def reconfigure(self, config: dict) -> None:
         """Point at an index application (and pause or resume writes); requests already running
         finish on the application they started with."""
-        routing = Routing.model_validate(config)
-        self.router = serve.get_deployment_handle("Router", app_name=routing.index_app, _check_exists=False)
-        self.routing = routing
-        LOG.info("serving index application %s (writes %s)", routing.index_app,
-                 "paused" if routing.writes_paused else "open")
+        self.routing = Routing.model_validate(config)
+        LOG.info("serving index application %s (writes %s)", self.routing.index_app,
+                 "paused" if self.routing.writes_paused else "open")
 
     def current_routing(self) -> dict:
         """The applied user_config and the writes still in flight, so a switch can tell when every
         replica has taken a change."""
         return {**self.routing.model_dump(), "writes_in_flight": self.writes_in_flight}
 
-    async def _index_info(self) -> dict:
-        """The served index's info, fetched once per index application."""
-        app, router = self.routing.index_app, self.router
-        if app not in self.infos:
-            self.infos = {app: await router.info.remote()}
-        return self.infos[app]
+    async def _index(self) -> IndexVersion:
+        """The index version the user_config names, resolved once per application: its Index
+        deployment says which shard deployments to call."""
+        app = self.routing.index_app
+        if self.version is None or self.version.app != app:
+            entry = serve.get_deployment_handle("Index", app_name=app, _check_exists=False)
+            info = await _bounded(entry.info.remote(), self.cfg.shard_timeout_s * 5,
+                                  ApiError(503, "index_unavailable", f"index application {app} does not answer"))
+            shards = [serve.get_deployment_handle(name, app_name=app, _check_exists=False) for name in info["shards"]]
+            searches = [lambda q, k, p, v, h=h: h.search.remote(q, k, p, v) for h in shards]
+            router = Router(searches, info["slot_table"], info["metric"], self.cfg.shard_timeout_s,
+                            is_overload=lambda e: isinstance(e, BackPressureError))
+            self.version = IndexVersion(app, info, shards, router)  # a request keeps the version it started on
+        return self.version
 
     async def __call__(self, request: Request) -> Response:
         """Dispatch with Starlette's own route matching; every failure becomes a JSON error."""
+        limited = request.url.path not in UNLIMITED
         try:
-            if self.routing is None:
-                raise ApiError(503, "not_configured", "the Ingress has no user_config naming its index application")
-            partial = None
-            for route in self.routes:
-                match, child = route.matches(request.scope)
-                if match == Match.FULL:
-                    request.scope.update(child)
-                    return await route.endpoint(request)
-                partial = partial or (route if match == Match.PARTIAL else None)
-            if partial is not None:
-                raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
-            raise ApiError(404, "not_found", f"no route {request.url.path}")
+            if limited and self.in_flight >= self.cfg.max_in_flight:
+                raise overloaded("the service")
+            self.in_flight += limited
+            try:
+                return await self._dispatch(request)
+            finally:
+                self.in_flight -= limited
         except ApiError as e:
             return e.response()
         except Exception:
             LOG.exception("internal error on %s", request.url.path)
             return ApiError(500, "internal", "internal error; see the service logs").response()
+
+    async def _dispatch(self, request: Request) -> Response:
+        if self.routing is None:
+            raise ApiError(503, "not_configured", "the Ingress has no user_config naming its index application")
+        partial = None
+        for route in self.routes:
+            match, child = route.matches(request.scope)
+            if match == Match.FULL:
+                request.scope.update(child)
+                return await route.endpoint(request)
+            partial = partial or (route if match == Match.PARTIAL else None)
+        if partial is not None:
+            raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+        raise ApiError(404, "not_found", f"no route {request.url.path}")
 
     def _authorize_read(self, request: Request) -> None:
         if self.read_tokens is not None:
@@ -107,47 +163,56 @@ class Ingress:
             raise ApiError(403, "writes_disabled", "no write tokens are configured: this service is read-only")
         check_token(request, self.write_tokens, what="writes")
 
-    async def _write(self, *args) -> bool:
-        """Send a write to the served index unless writes are paused. The in-flight count rises
-        before the pause check, so once a switch sees writes paused and none in flight, none can
-        still reach the old version."""
-        self.writes_in_flight += 1
-        try:
-            if self.routing.writes_paused:
-                raise ApiError(503, "writes_paused", "the index is switching versions; retry in a few seconds",
-                               headers={"Retry-After": "5"})
-            return await self.router.write.remote(*args)
-        finally:
-            self.writes_in_flight -= 1
+    # ------------------------------------------------------------------ search
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+    async def _search_batch(self, queries: list[Query]) -> list:
+        """Concurrent queries travel to each shard as one matrix (pipeline.run_batch)."""
+        return await run_batch(queries)
 
     async def _search(self, queries: np.ndarray, k: int, nprobe, exclude_sha256=None, dedupe=True):
-        """Router then ranker: (results per query, partial)."""
+        """Batch, fan out, merge, rank: (results per query, partial)."""
+        if len(queries) * k > self.cfg.max_hits_per_request:
+            raise ApiError(422, "too_much_work", f"{len(queries)} queries x k={k} asks for {len(queries) * k} "
+                           f"results; the limit per request is {self.cfg.max_hits_per_request}")
+        version = await self._index()
         fetch = k * self.cfg.dedupe_fetch_factor if dedupe or exclude_sha256 else k
-        with_vectors = dedupe and self.cfg.near_duplicate_cosine is not None
-        hits = await self.router.search.remote(queries, fetch, nprobe, with_vectors)
-        if "unavailable" in hits:
-            raise ApiError(503, "shards_unavailable", hits["unavailable"])
-        results = await self.ranker.rank.remote(hits, k, exclude_sha256, dedupe)
-        return results, hits["partial"]
+        near = dedupe and self.cfg.near_duplicate_cosine is not None
+        hits = await self._search_batch(Query(queries, fetch, nprobe, near, version.router))
+        if isinstance(hits, Overloaded):
+            raise overloaded("every shard")
+        if isinstance(hits, ShardsUnavailable):
+            raise ApiError(503, "shards_unavailable", str(hits), headers={"Retry-After": "2"})
+        if isinstance(hits, Exception):
+            raise hits
+        results = rank(hits, k, near_duplicate_cosine=self.cfg.near_duplicate_cosine,
+                       exclude_sha256=exclude_sha256, dedupe=dedupe)
+        return results, hits.partial
 
     async def _embed_upload(self, request: Request) -> tuple[np.ndarray, bytes]:
         data = await read_image(request, self.decode.max_bytes)
-        emb = await self.embedder.embed_image.remote(data)
+        emb = await _bounded(self.embedder.embed_image.remote(data), self.cfg.embed_timeout_s,
+                             ApiError(503, "embedder_timeout", f"the image was not embedded within "
+                                      f"{self.cfg.embed_timeout_s} s; retry shortly", headers={"Retry-After": "2"}))
         if "error" in emb:
             raise ApiError(413 if emb["error"] == "image_too_large" else 400, emb["error"], emb["message"])
-        dim = (await self._index_info())["dim"]
+        dim = (await self._index()).info["dim"]
         if len(emb["vector"]) != dim:
             raise ApiError(503, "model_mismatch", f"the embedder gives dimension {len(emb['vector'])}, "
                            f"the index holds {dim}: this index only answers /search/vector")
         return emb["vector"], data
 
+    def _nprobe(self, raw) -> Optional[int]:
+        return parse_nprobe(raw, self.cfg.max_nprobe)
+
     async def search_image(self, request: Request) -> Response:
         t0 = time.perf_counter()
         self._authorize_read(request)
-        k = parse_k(request.query_params.get("k"), self.cfg.default_k, self.cfg.max_k)
-        nprobe = parse_nprobe(request.query_params.get("nprobe"))
-        exclude_self = parse_bool(request.query_params.get("exclude_self"), self.cfg.exclude_query_image, "exclude_self")
-        dedupe = parse_bool(request.query_params.get("dedupe"), True, "dedupe")
+        q = request.query_params
+        k = parse_k(q.get("k"), self.cfg.default_k, self.cfg.max_k)
+        nprobe = self._nprobe(q.get("nprobe"))
+        exclude_self = parse_bool(q.get("exclude_self"), self.cfg.exclude_query_image, "exclude_self")
+        dedupe = parse_bool(q.get("dedupe"), True, "dedupe")
         vector, data = await self._embed_upload(request)
         own = hashlib.sha256(data).hexdigest() if exclude_self else None
         results, partial = await self._search(vector[None, :], k, nprobe, own, dedupe)
@@ -158,26 +223,55 @@ class Ingress:
         t0 = time.perf_counter()
         self._authorize_read(request)
         vector, _ = await self._embed_upload(request)
-        return JSONResponse({"vector": vector.tolist(), "dim": len(vector), "took_ms": _ms(t0)})
+        return JSONResponse({"vector": vector, "dim": len(vector), "took_ms": _ms(t0)})
 
     async def search_vector(self, request: Request) -> Response:
         t0 = time.perf_counter()
         self._authorize_read(request)
         body = await read_body(request, self.decode.max_bytes)
-        dim = (await self._index_info())["dim"]
-        x, batched, obj = parse_vector_request(body, dim, self.cfg.max_vectors_per_request)
-        k = parse_k(obj.get("k", request.query_params.get("k")), self.cfg.default_k, self.cfg.max_k)
-        nprobe = parse_nprobe(obj.get("nprobe", request.query_params.get("nprobe")))
-        dedupe = parse_bool(obj.get("dedupe", request.query_params.get("dedupe")), True, "dedupe")
+        dim = (await self._index()).info["dim"]
+        x, batched, obj = parse_vector_request(body, request.headers.get("content-type", ""), dim,
+                                               self.cfg.max_vectors_per_request)
+        q = request.query_params
+        k = parse_k(obj.get("k", q.get("k")), self.cfg.default_k, self.cfg.max_k)
+        nprobe = self._nprobe(obj.get("nprobe", q.get("nprobe")))
+        dedupe = parse_bool(obj.get("dedupe", q.get("dedupe")), True, "dedupe")
         results, partial = await self._search(x, k, nprobe, None, dedupe)
         return JSONResponse({"results": results if batched else results[0], "partial": partial, "took_ms": _ms(t0)})
+
+    # ------------------------------------------------------------------ writes and lookups
+
+    async def _write(self, op: str, id_: int, *args) -> bool:
+        """Send a write to the shard that owns the id, unless writes are paused. The in-flight count
+        rises before the pause check, so once a switch sees writes paused and none in flight, none
+        can still reach the old version. A write not acknowledged in time answers 503 with its
+        outcome unknown; the call keeps running, so it is never reported failed after being logged."""
+        self.writes_in_flight += 1
+        try:
+            if self.routing.writes_paused:
+                raise ApiError(503, "writes_paused", "the index is switching versions; retry in a few seconds",
+                               headers={"Retry-After": "5"})
+            version = await self._index()
+            shard = version.shards[version.router.shard_for(id_)]
+            unknown = ApiError(503, "write_outcome_unknown",
+                               f"the write to image {id_} was not acknowledged within {self.cfg.write_timeout_s} s "
+                               "and may still be applied: read it back with GET, or repeat it (writes are idempotent)",
+                               headers={"Retry-After": "5"})
+            return await _bounded(shard.write.remote(op, id_, *args), self.cfg.write_timeout_s, unknown,
+                                  keep_running=True)
+        finally:
+            self.writes_in_flight -= 1
 
     async def image(self, request: Request) -> Response:
         """GET (metadata), PUT (add or replace), DELETE and PATCH (flags) of one image id."""
         id_ = parse_image_id(request.path_params["id"])
         if request.method == "GET":
             self._authorize_read(request)
-            meta = await self.router.get.remote(id_)
+            version = await self._index()
+            shard = version.shards[version.router.shard_for(id_)]
+            meta = await _bounded(shard.get.remote(id_), self.cfg.shard_timeout_s,
+                                  ApiError(503, "shards_unavailable", f"the shard holding image {id_} did not answer",
+                                           headers={"Retry-After": "2"}))
             if meta is None:
                 raise ApiError(404, "not_found", f"no image {id_}")
             return JSONResponse(meta)
@@ -196,19 +290,33 @@ class Ingress:
             raise ApiError(404, "not_found", f"no image {id_}")
         return JSONResponse({"id": id_, **flags})
 
+    # ------------------------------------------------------------------ operators
+
+    async def _shard_info(self) -> list[Optional[dict]]:
+        """Each shard's info, or None for a shard that does not answer in time."""
+        version = await self._index()
+
+        async def one(h):
+            try:
+                return await _bounded(h.info.remote(), self.cfg.shard_timeout_s, ApiError(503, "", ""))
+            except Exception:
+                return None
+
+        return list(await asyncio.gather(*[one(h) for h in version.shards]))
+
     async def healthz(self, request: Request) -> Response:
-        infos = await self.router.shard_info.remote()
-        down = [i for i, s in enumerate(infos) if s is None]
-        status = 503 if down else 200
-        return JSONResponse({"status": "unavailable" if down else "ok", "shards_down": down}, status_code=status)
+        down = [i for i, s in enumerate(await self._shard_info()) if s is None]
+        return JSONResponse({"status": "unavailable" if down else "ok", "shards_down": down},
+                            status_code=503 if down else 200)
 
     async def stats(self, request: Request) -> Response:
-        infos = await self.router.shard_info.remote()
+        infos = await self._shard_info()
         total = sum(s["count"] for s in infos) if all(infos) else None
         keys = ("count", "generation", "log_bytes", "rss_bytes", "load_rss_bytes")
         shards = [{"shard": i, "loaded": s is not None, **{k: (s or {}).get(k) for k in keys}} for i, s in enumerate(infos)]
-        return JSONResponse({**await self._index_info(), "index_app": self.routing.index_app,
-                             "writes_paused": self.routing.writes_paused, "total": total, "shards": shards})
+        info = {k: v for k, v in (await self._index()).info.items() if k not in ("slot_table", "shards")}
+        return JSONResponse({**info, "index_app": self.routing.index_app, "writes_paused": self.routing.writes_paused,
+                             "total": total, "shards": shards})
 
 
 def _ms(t0: float) -> float:

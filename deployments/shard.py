@@ -19,7 +19,8 @@ from indexing.wal import Record
 LOG = logging.getLogger("ray.serve")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32, health_check_period_s=2)
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16, max_queued_requests=64,
+                  health_check_period_s=2)
 class Shard:
     def __init__(self, index_dir: str, manifest: dict, shard_no: int, compact_after_bytes: int):
         rss = rss_bytes()
@@ -29,7 +30,8 @@ class Shard:
         LOG.info("shard %d loaded: %d vectors", shard_no, self.shard.ntotal)
 
     async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None, with_vectors: bool = False) -> dict:
-        """{"D", "I", "meta", "vectors"}; faiss releases the GIL, so it runs in a worker thread."""
+        """{"D", "I", "meta", "vector_ids", "vectors"} for a whole matrix of queries (the Ingress
+        batches concurrent requests); faiss releases the GIL, so it runs in a worker thread."""
         return await asyncio.to_thread(self.shard.search, queries, k, nprobe or self.nprobe, with_vectors)
 
     async def write(self, op: str, id_: int, vector: Optional[np.ndarray] = None, uri: str = "", sha256: str = "",

@@ -107,7 +107,7 @@ def switch(front: str = "imsearch", version: Optional[int] = None, timeout_s: fl
     old_app = routing.get("index_app")
     if old_app not in apps:
         raise SwitchError(f"{front}'s Ingress names index application {old_app!r}, which is not deployed")
-    old_info = serve.get_deployment_handle("Router", app_name=old_app).info.remote().result(timeout_s=30)
+    old_info = serve.get_deployment_handle("Index", app_name=old_app).info.remote().result(timeout_s=30)
     index_dir = old_info["index_dir"]
     target = read_manifest(index_dir, version)
     if target.version == old_info["version"]:

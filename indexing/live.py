@@ -207,15 +207,19 @@ class LiveShard:
         return None if m is None else {"id": int(id_), "uri": m[0], "sha256": m[1], "private": m[2], "unsafe": m[3]}
 
     def search(self, queries: np.ndarray, k: int, nprobe: int, with_vectors: bool = False) -> dict:
-        """(D, I) with flagged ids filtered inside the search, plus uri/sha256 (and vectors) of hits."""
+        """(D, I) with flagged ids filtered inside the search, uri/sha256 of the hits and, with
+        `with_vectors`, their stored vectors as one (len(vector_ids), d) array."""
         self.sync()
         with self._mutex:
             if self._hidden_arr is None:
                 self._hidden_arr = np.fromiter(self.hidden, dtype=np.int64, count=len(self.hidden))
             D, I = search_shard(self.index, queries, k, nprobe, exclude=self._hidden_arr)
-            hits = {int(i): self.meta.get(int(i), ["", "", False, False])[:2] for i in np.unique(I) if i >= 0}
-            vectors = {i: self.index.reconstruct(i) for i in hits} if with_vectors else None
-        return {"D": D, "I": I, "meta": hits, "vectors": vectors}
+            found = np.unique(I)
+            found = found[found >= 0]
+            hits = {i: tuple(self.meta.get(i, ("", ""))[:2]) for i in found.tolist()}
+            # One batched reconstruction of this shard's hits, only when the policy asks for vectors.
+            vectors = self.index.reconstruct_batch(found) if with_vectors and len(found) else None
+        return {"D": D, "I": I, "meta": hits, "vector_ids": found, "vectors": vectors}
 
     @property
     def ntotal(self) -> int:

@@ -19,23 +19,29 @@ def rank_results(
     Drops padding (-1), hits with the query's own bytes (`exclude_sha256`), hits whose sha256
     repeats a better hit, and, with `vectors`, hits whose cosine to a kept hit reaches
     `near_duplicate_cosine` (keep the best). `dedupe=False` keeps duplicates: the exact merge order."""
+    near = dedupe and bool(vectors) and near_duplicate_cosine is not None
     out = []
-    for row_s, row_i in zip(scores, ids):
+    for row_s, row_i in zip(scores.tolist(), ids.tolist()):
+        cand = [(s, i) for s, i in zip(row_s, row_i) if i >= 0]
+        if near:
+            # One Gram matrix per query instead of a Python loop over pairs of candidates.
+            have = [i in vectors for _, i in cand]
+            v = np.stack([vectors[i] for (_, i), h in zip(cand, have) if h]) if any(have) else np.zeros((0, 1), np.float32)
+            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            close = (v @ v.T) >= near_duplicate_cosine
+            row_of = np.cumsum(have) - 1
         seen: set[str] = set()
-        kept_vecs: list[np.ndarray] = []
+        kept_rows: list[int] = []
         results = []
-        for s, i in zip(row_s.tolist(), row_i.tolist()):
-            if i < 0:
-                continue
+        for pos, (s, i) in enumerate(cand):
             uri, sha = meta.get(i, ("", ""))
             if sha and (sha == exclude_sha256 or (dedupe and sha in seen)):
                 continue
-            v = vectors.get(i) if (dedupe and vectors and near_duplicate_cosine) else None
-            if v is not None:
-                v = v / (np.linalg.norm(v) or 1.0)
-                if any(float(v @ w) >= near_duplicate_cosine for w in kept_vecs):
+            if near and have[pos]:
+                r = int(row_of[pos])
+                if kept_rows and close[r, kept_rows].any():
                     continue
-                kept_vecs.append(v)
+                kept_rows.append(r)
             if sha:
                 seen.add(sha)
             results.append({"id": int(i), "score": float(s), "uri": uri})

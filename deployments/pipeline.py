@@ -1,0 +1,158 @@
+"""The query pipeline, top to bottom: batch -> fan out -> merge -> rank. Plain asyncio and numpy,
+no Ray: the Ingress feeds it DeploymentHandles, tests feed it shards searched in-process.
+
+1. The Ingress validates a request into a `Query` (vectors, k, nprobe, the index version it
+   started on) and hands it to its `@serve.batch` method, which calls `run_batch` with every
+   query that arrived meanwhile.
+2. `run_batch` groups compatible queries (same index version, nprobe and vector need, k within a
+   factor of two), stacks each group into one matrix, and asks the `Router` of that version.
+3. `Router.search` sends the matrix to every shard at once (one call per shard, not per query),
+   leaves out shards that miss the deadline (partial answer) and merges the shards' top-k
+   exactly (`indexing.merge`).
+4. Each query takes its rows back (`Hits`), and the Ingress applies the ranking policy
+   (`rank`, from `indexing.policy`) to them on its own loop: no extra hop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional, Sequence
+
+import numpy as np
+
+from indexing.ids import shard_of
+from indexing.merge import merge_topk
+from indexing.policy import rank_results
+
+LOG = logging.getLogger("ray.serve")
+
+# A shard as the pipeline sees it: search(queries, k, nprobe, with_vectors) -> awaitable dict
+# {"D", "I", "meta", "vector_ids", "vectors"}. In the service it calls a DeploymentHandle.
+ShardSearch = Callable[[np.ndarray, int, Optional[int], bool], Awaitable[dict]]
+
+
+class ShardsUnavailable(Exception):
+    """No shard answered within the deadline."""
+
+
+class Overloaded(Exception):
+    """The shards refused the work (their queues are full): the client should retry later."""
+
+
+@dataclass
+class Hits:
+    """Merged candidates of one or more queries, best first, with what the ranking policy needs."""
+
+    scores: np.ndarray                # (n, fetch) float32
+    ids: np.ndarray                   # (n, fetch) int64, -1 padded
+    meta: dict                        # id -> (uri, sha256) of every returned id
+    vectors: Optional[dict]           # id -> stored vector, when asked for (near-duplicate check)
+    partial: bool                     # some shard was left out
+
+    def rows(self, start: int, stop: int, k: int) -> "Hits":
+        """The hits of queries start..stop, cut to the first k candidates."""
+        return Hits(self.scores[start:stop, :k], self.ids[start:stop, :k], self.meta, self.vectors, self.partial)
+
+
+@dataclass
+class Query:
+    """One validated search request as it waits for a batch."""
+
+    vectors: np.ndarray               # (n, d) float32
+    fetch: int                        # candidates per query wanted from the shards
+    nprobe: Optional[int]             # None: the index's default
+    with_vectors: bool                # stored vectors of the hits, for the near-duplicate check
+    router: "Router"                  # the index version the request started on
+    rows: int = field(init=False)
+
+    def __post_init__(self):
+        self.rows = len(self.vectors)
+
+
+class Router:
+    """One index version as the Ingress sees it: a search callable per shard, the slot table that
+    places ids on shards (writes and lookups go to one shard), the deadline of a fan-out."""
+
+    def __init__(self, shards: Sequence[ShardSearch], slot_table: Sequence[int], metric: str, timeout_s: float,
+                 is_overload: Callable[[BaseException], bool] = lambda e: False):
+        self.shards, self.slot_table, self.metric, self.timeout_s = list(shards), slot_table, metric, timeout_s
+        self.is_overload = is_overload
+
+    def shard_for(self, id_: int) -> int:
+        """The shard that holds (or will hold) an id."""
+        return int(shard_of([id_], self.slot_table)[0])
+
+    async def _call(self, search: ShardSearch, *args) -> dict:
+        response = search(*args)
+        try:
+            return await asyncio.wait_for(_awaited(response), self.timeout_s)
+        except asyncio.TimeoutError:
+            cancel = getattr(response, "cancel", None)
+            if cancel is not None:  # a DeploymentResponse: stop the shard's work too
+                cancel()
+            raise
+
+    async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int], with_vectors: bool) -> Hits:
+        """Every shard searches the whole matrix once; exact top-k merge of those that answer in time."""
+        answers = await asyncio.gather(*[self._call(s, queries, k, nprobe, with_vectors) for s in self.shards],
+                                       return_exceptions=True)
+        ok = [a for a in answers if not isinstance(a, BaseException)]
+        failed = [a for a in answers if isinstance(a, BaseException)]
+        for i, a in enumerate(answers):
+            if isinstance(a, BaseException):
+                LOG.warning("shard %d left out: %s", i, type(a).__name__)
+        if not ok:
+            if failed and all(self.is_overload(e) for e in failed):
+                raise Overloaded(f"all {len(self.shards)} shards are at their queue limit")
+            raise ShardsUnavailable(f"none of {len(self.shards)} shards answered within {self.timeout_s} s")
+        D, I = merge_topk([(a["D"], a["I"]) for a in ok], k, self.metric)
+        meta = {i: m for a in ok for i, m in a["meta"].items()}
+        vectors = None
+        if with_vectors:
+            vectors = {i: v for a in ok if a["vectors"] is not None for i, v in zip(a["vector_ids"].tolist(), a["vectors"])}
+        return Hits(D, I, meta, vectors, partial=len(ok) < len(self.shards))
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+def _group_key(q: Query) -> tuple:
+    # k within a factor of two shares a search: asking a shard for a few more candidates costs
+    # far less than a second call, and a much larger k would slow the small ones down.
+    return id(q.router), q.vectors.shape[1], q.nprobe, q.with_vectors, int(q.fetch - 1).bit_length()
+
+
+async def run_batch(queries: list[Query]) -> list[Any]:
+    """Search every query of a batch; returns per query its `Hits` or the exception that query
+    met. Groups search concurrently; one group's failure never touches another group's queries."""
+    groups: dict[tuple, list[int]] = {}
+    for pos, q in enumerate(queries):
+        groups.setdefault(_group_key(q), []).append(pos)
+    out: list[Any] = [None] * len(queries)
+
+    async def one(members: list[int]) -> None:
+        qs = [queries[p] for p in members]
+        fetch = max(q.fetch for q in qs)
+        matrix = qs[0].vectors if len(qs) == 1 else np.concatenate([q.vectors for q in qs])
+        try:
+            hits = await qs[0].router.search(matrix, fetch, qs[0].nprobe, qs[0].with_vectors)
+        except Exception as e:  # every member gets the same error; other groups are unaffected
+            for p in members:
+                out[p] = e
+            return
+        start = 0
+        for p, q in zip(members, qs):
+            out[p] = hits.rows(start, start + q.rows, q.fetch)
+            start += q.rows
+
+    await asyncio.gather(*[one(m) for m in groups.values()])
+    return out
+
+
+def rank(hits: Hits, k: int, *, near_duplicate_cosine: Optional[float], exclude_sha256: Optional[str] = None,
+         dedupe: bool = True) -> list[list[dict]]:
+    """The ranking policy (indexing.policy) on one query's merged hits: result dicts per query."""
+    return rank_results(hits.scores, hits.ids, k, hits.meta, vectors=hits.vectors,
+                        near_duplicate_cosine=near_duplicate_cosine, exclude_sha256=exclude_sha256, dedupe=dedupe)
