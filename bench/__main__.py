@@ -1,7 +1,9 @@
 """`python -m bench VERB --out DIR [--quick]`
 
   all        every benchmark below, in one run on this machine; writes all.json, all.md and PNGs
-  search     recall@10 vs QPS: service HTTP, ShardedIndex, plain FAISS, Milvus Lite, Qdrant, LanceDB
+  search     recall@10 vs QPS: service HTTP, ShardedIndex, plain FAISS, Milvus Lite, Qdrant, LanceDB;
+             then HTTP at concurrency 1/8/32: service, one-process uvicorn+FAISS, Chroma server
+  levers     each Ray Serve fast path on and off, each in a fresh Ray, on the same vectors
   embedding  images/s: Embedder deployment over HTTP and through a handle vs a plain torch loop
   indexing   images/s: `python -m indexing build` end to end vs a single-process loop
   load       p50/p99 of image and vector queries at rising concurrency, with the saturation point
@@ -22,9 +24,9 @@ LOG = logging.getLogger("bench")
 
 SIZES = {  # quick: a few minutes on 2 cores; full: the sizes the issue asks for
     True: {"index_images": 300, "embed_images": 64, "real_views": 1, "synthetic": 50_000, "queries": 200,
-           "memory": (20_000, 100_000)},
+           "memory": (20_000, 100_000), "serving": 100_000},
     False: {"index_images": 1500, "embed_images": 256, "real_views": 4, "synthetic": 1_000_000, "queries": 500,
-            "memory": (100_000, 1_000_000)},
+            "memory": (100_000, 1_000_000), "serving": 100_000},
 }
 
 
@@ -58,6 +60,9 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int) -> dict
 
     import ray
 
+    from deployments import environment
+
+    environment.apply()
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), namespace="serve", include_dashboard=False, logging_level="WARNING")
     size = SIZES[quick]
@@ -94,9 +99,20 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int) -> dict
         from bench.vectors import real_embeddings, synthetic
 
         results["search"] = []
-        for make in (lambda: real_embeddings(images, os.path.join(work, "cache"), size["real_views"], size["queries"]),
+        for make in (lambda: synthetic(size["serving"], dim=256, queries=size["queries"]),
+                     lambda: real_embeddings(images, os.path.join(work, "cache"), size["real_views"], size["queries"]),
                      lambda: synthetic(size["synthetic"], queries=size["queries"])):
             results["search"] += bench_search(make(), work, svc.serve)
+    if "levers" in verbs:
+        from bench.levers import run_levers
+        from bench.search import factory_for, sharded
+        from bench.vectors import synthetic
+
+        vs = synthetic(size["serving"], dim=256, queries=size["queries"])
+        index_dir = os.path.join(work, f"index-{vs.name}")
+        sharded(vs, factory_for(vs)[0], index_dir, 2)
+        ray.shutdown()  # each lever starts its own Ray
+        results["levers"] = run_levers(vs, index_dir, work)
     results["seconds"] = round(time.time() - t0, 1)
     write_results(out, "all" if len(verbs) > 1 else verbs[0], results, plots.markdown(results))
     plots.plot_all(results, out)
@@ -106,7 +122,7 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int) -> dict
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("verb", choices=["all", "search", "embedding", "indexing", "load", "memory"])
+    p.add_argument("verb", choices=["all", "search", "levers", "embedding", "indexing", "load", "memory"])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--images", default=os.path.join("..", "shared", "data", "scene15"),
                    help="folder of real photos (default: ../shared/data/scene15)")

@@ -10,7 +10,8 @@ COLUMNS = {
     "embedding": ["path", "images", "errors", "images_per_s", "vs_torch_loop", "p50_ms", "p99_ms"],
     "load": ["mode", "concurrency", "requests", "errors", "p50_ms", "p99_ms", "qps", "saturation", "stopped"],
     "memory": ["vectors", "factory", "dim", "load_rss_mb", "bytes_per_vector", "code_plus_id_bytes"],
-    "search": ["dataset", "engine", "index", "nprobe", "concurrency", "recall@10", "qps", "ms_per_query", "build_s"],
+    "search": ["dataset", "engine", "index", "nprobe", "concurrency", "recall@10", "qps", "p50_ms", "p99_ms", "build_s"],
+    "levers": ["lever", "engine", "concurrency", "recall@10", "qps", "p50_ms", "p99_ms", "errors"],
 }
 TITLES = {
     "search": "Search: recall@10 vs queries per second (one query per call)",
@@ -18,6 +19,7 @@ TITLES = {
     "indexing": "Indexing throughput",
     "load": "Latency under load (HTTP vs in-process)",
     "memory": "Memory per vector in a shard replica",
+    "levers": "Ray Serve fast paths, each measured in a fresh Ray (vector queries over HTTP, JSON)",
 }
 
 
@@ -26,7 +28,7 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     parts = [f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}; run {m['when']} "
              f"({'--quick' if results['quick'] else 'full'} sizes, {results.get('seconds', 0):.0f} s)."]
-    for key in ("search", "indexing", "embedding", "load", "memory"):
+    for key in ("search", "levers", "indexing", "embedding", "load", "memory"):
         if results.get(key):
             parts.append(f"### {TITLES[key]}\n\n" + markdown_table(results[key], COLUMNS[key]))
     return "\n\n".join(parts)

@@ -1,9 +1,11 @@
 """Search: recall@10 against queries per second at several nprobe values, for the service over
 HTTP, ShardedIndex in-process, one plain FAISS index with the same factory, and the vector
 databases users would pick instead (Milvus Lite, Qdrant local, LanceDB IVF-PQ) when installed.
+Then the HTTP engines at concurrency 1, 8 and 32 with p50/p99 (bench/serving.py): the service
+(JSON and binary bodies), the one-process uvicorn + FAISS baseline and Chroma's server.
 
-Every engine answers one query per call from one client thread (the service also at
-concurrency 8), on the same vectors, queries and k, against exact ground truth."""
+Every engine answers one query per call, on the same vectors, queries and k, against exact
+ground truth."""
 from __future__ import annotations
 
 import logging
@@ -87,18 +89,9 @@ def sharded(vs: VectorSet, factory: str, index_dir: str, shards: int) -> Searche
 
 def service(url: str) -> Searchers:
     """POST /search/vector on a running service (near-duplicate collapse off: raw ANN results)."""
-    import httpx
+    from bench.serving import service_json
 
-    client = httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=32))
-
-    def at(nprobe):
-        def search(q):
-            r = client.post("/search/vector", json={"vector": q.tolist(), "k": K, "nprobe": nprobe, "dedupe": False})
-            r.raise_for_status()
-            return [h["id"] for h in r.json()["results"]]
-        return search
-
-    return {n: at(n) for n in NPROBES}
+    return {n: service_json(url, n) for n in NPROBES}
 
 
 def milvus_lite(vs: VectorSet, nlist: int, workdir: str) -> Searchers:
@@ -153,6 +146,38 @@ def lancedb_ivfpq(vs: VectorSet, nlist: int, workdir: str) -> Searchers:
     return {n: at(n) for n in NPROBES}
 
 
+def http_levels(vs: VectorSet, factory: str, url: str, workdir: str, nprobe: int = 16) -> list[dict]:
+    """The HTTP engines at concurrency 1, 8, 32 and one nprobe: the service (JSON and binary
+    bodies), the one-process baseline and Chroma's server (when chromadb is installed)."""
+    from bench import serving
+
+    engines = [("service HTTP json", lambda: (serving.service_json(url, nprobe), None), factory),
+               ("service HTTP binary", lambda: (serving.service_binary(url, nprobe), None), factory),
+               ("uvicorn+faiss 1 process", lambda: serving.http_baseline(vs, factory, nprobe, workdir), factory)]
+    if installed("chromadb"):
+        engines.append(("chroma server", lambda: serving.chroma_server(vs, workdir), "HNSW (chroma defaults)"))
+    rows = []
+    for engine, start, note in engines:
+        t = time.time()
+        try:
+            search, stop = start()
+        except Exception as e:  # a peer that fails to start is reported, not fatal
+            LOG.warning("%s failed: %s", engine, e)
+            rows.append({"dataset": vs.name, "n": len(vs.base), "engine": engine, "error": str(e)[:200]})
+            continue
+        build_s = time.time() - t
+        try:
+            for r in serving.measure_levels(search, vs):
+                rows.append({"dataset": vs.name, "n": len(vs.base), "engine": engine, "index": note,
+                             "nprobe": nprobe if note == factory else "-", "build_s": round(build_s, 1), **r})
+                LOG.info("%s c=%d: recall@10 %.3f, %.0f QPS, p50 %.1f ms, p99 %.1f ms", engine, r["concurrency"],
+                         r["recall@10"], r["qps"], r["p50_ms"], r["p99_ms"])
+        finally:
+            if stop:
+                stop()
+    return rows
+
+
 PEERS = {"milvus-lite": "pymilvus", "qdrant-local": "qdrant_client", "lancedb-ivfpq": "lancedb"}
 
 
@@ -184,9 +209,9 @@ def bench_search(vs: VectorSet, workdir: str, url_for: Callable[[str], str], sha
     local = sharded(vs, factory, index_dir, shards)
     run(f"ShardedIndex ({shards} shards)", local, time.time() - t)
     url = url_for(index_dir)
-    remote = service(url)
-    run("service HTTP", remote, 0.0)
-    run("service HTTP", remote, 0.0, concurrency=8)
+    run("service HTTP", service(url), 0.0)
+    if len(vs.base) <= max_exact_peer:  # Chroma's HTTP inserts take too long beyond this
+        rows += http_levels(vs, factory, url, workdir)
     for name, module in PEERS.items():
         if not installed(module):
             LOG.info("%s not installed (pip install -e '.[bench]'): skipped", name)

@@ -38,8 +38,11 @@ def deploy(cfg: dict, address: str | None = None) -> str:
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
+    from deployments import environment
+
     schema = ServeDeploySchema.model_validate(cfg)
     if not ray.is_initialized():
+        environment.apply()
         if address:
             ray.init(address=address, namespace="serve")
         else:

@@ -14,6 +14,9 @@ def ray_session():
     """A local Ray with 2 CPUs, shared by every test that needs Ray."""
     import ray
 
+    from deployments import environment
+
+    environment.apply()
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray

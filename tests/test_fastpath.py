@@ -1,0 +1,124 @@
+"""The serving fast path over real HTTP: batched fan-out gives ShardedIndex's exact answers under
+concurrency, overload gets a fast JSON 503, and the largest request is bounded."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from deployments.__main__ import DEFAULT_SERVE_CONFIG, load_serve_config, wait_healthy
+from deployments.switch import deploy_config, deployed_config, wait_gone, wait_running
+from indexing import ShardedIndex
+from indexing.build import arrow_to_vectors, read_embeddings
+
+
+@pytest.fixture(scope="module")
+def vectors(image_index_dir):
+    return arrow_to_vectors(read_embeddings(str(image_index_dir / "embeddings")).column("embedding"))
+
+
+def test_64_mixed_concurrent_requests_equal_sharded_index(service, image_index_dir, vectors):
+    ix = ShardedIndex.open(str(image_index_dir))
+    rng = np.random.default_rng(5)
+    reqs = []
+    for i in range(64):
+        n = int(rng.integers(1, 4))
+        q = vectors[rng.integers(0, len(vectors), n)] + rng.normal(scale=0.02, size=(n, vectors.shape[1]))
+        reqs.append((q.astype(np.float32), int(rng.choice([1, 3, 10, 25])), int(rng.choice([1, 8, 64]))))
+
+    def ask(r):
+        q, k, nprobe = r
+        if len(q) == 1 and k % 2:  # half the single queries use the binary body
+            resp = httpx.post(f"{service}/search/vector?k={k}&nprobe={nprobe}&dedupe=false", timeout=60,
+                              content=q.astype("<f4").tobytes(), headers={"content-type": "application/octet-stream"})
+            return resp.status_code, [[h["id"] for h in row] for row in resp.json()["results"]]
+        resp = httpx.post(f"{service}/search/vector", timeout=60,
+                          json={"vectors": q.tolist(), "k": k, "nprobe": nprobe, "dedupe": False})
+        return resp.status_code, [[h["id"] for h in row] for row in resp.json()["results"]]
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(ask, reqs))
+    for (q, k, nprobe), (status, got) in zip(reqs, answers):
+        assert status == 200
+        _, want = ix.search(q, k, nprobe=nprobe)
+        assert got == want.tolist()
+
+
+@pytest.fixture(scope="module")
+def tight_front(service):
+    """A second front `ov` (route /ov) on the session's index, admitting 2 requests at a time."""
+    front = load_serve_config(str(DEFAULT_SERVE_CONFIG), None, None, None)["applications"][0]
+    session = {a["name"]: a for a in deployed_config()["applications"]}["imsearch"]
+    front.update(name="ov", route_prefix="/ov", args=dict(session["args"]))
+    front["args"]["overrides"] = {"serve": {"max_in_flight": 2}}
+    for d in front["deployments"]:
+        d.setdefault("ray_actor_options", {})["num_cpus"] = 0.05
+        if d["name"] == "Embedder":
+            d["autoscaling_config"]["max_replicas"] = 1
+    cfg = deployed_config()
+    cfg["applications"].append(front)
+    deploy_config(cfg)
+    wait_running("ov", 180)
+    assert wait_healthy(service + "/ov", 60)
+    yield service + "/ov"
+    cfg = deployed_config()
+    cfg["applications"] = [a for a in cfg["applications"] if a["name"] != "ov"]
+    deploy_config(cfg)
+    wait_gone("ov", 60)
+
+
+def test_overload_gets_fast_503_and_recovers(tight_front, vectors):
+    body = orjson.dumps({"vectors": vectors[:16].tolist(), "k": 50, "dedupe": True})  # encoded once: a cheap client
+    out = []
+
+    def ask(_):
+        t = time.perf_counter()
+        r = httpx.post(f"{tight_front}/search/vector", content=body, timeout=60,
+                       headers={"content-type": "application/json"})
+        out.append((r.status_code, r.json(), r.headers.get("retry-after"), time.perf_counter() - t))
+
+    with ThreadPoolExecutor(48) as pool:
+        list(pool.map(ask, range(96)))
+    refused = [o for o in out if o[0] == 503]
+    accepted = [o for o in out if o[0] == 200]
+    assert len(refused) + len(accepted) == len(out), {o[0] for o in out}
+    assert refused and accepted
+    assert all(o[1]["error"]["code"] == "overloaded" and o[2] for o in refused)
+    # Refused at once rather than after a queue: faster than the requests that were served.
+    assert np.median([o[3] for o in refused]) < np.median([o[3] for o in accepted])
+    assert all(len(o[1]["results"]) == 16 for o in accepted)
+    time.sleep(1)
+    r = httpx.post(f"{tight_front}/search/vector", json={"vector": vectors[0].tolist(), "k": 1}, timeout=30)
+    assert r.status_code == 200  # recovered alone
+
+
+def test_largest_request_is_bounded_and_others_keep_flowing(service, vectors):
+    big = {"vectors": np.repeat(vectors[:1], 256, axis=0).tolist(), "k": 1000, "nprobe": 1024}
+    t = time.perf_counter()
+    r = httpx.post(f"{service}/search/vector", json=big, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_much_work"
+    assert time.perf_counter() - t < 5
+    r = httpx.post(f"{service}/search/vector", json={**big, "nprobe": 1025, "k": 10}, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_nprobe"
+
+    stop, small = threading.Event(), []
+
+    def others():
+        while not stop.is_set():
+            s = httpx.post(f"{service}/search/vector", json={"vector": vectors[1].tolist(), "k": 5}, timeout=30)
+            small.append(s.status_code)
+
+    thread = threading.Thread(target=others)
+    thread.start()
+    try:
+        t = time.perf_counter()
+        r = httpx.post(f"{service}/search/vector", json={**big, "k": 100}, timeout=60)  # at the limit: answered
+        took = time.perf_counter() - t
+    finally:
+        stop.set()
+        thread.join()
+    assert r.status_code == 200 and len(r.json()["results"]) == 256 and took < 30
+    assert small and all(s == 200 for s in small)
