@@ -94,21 +94,24 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int) -> dict
         from bench.memory import bench_memory
 
         results["memory"] = bench_memory(work, size["memory"])
+    from bench.vectors import real_embeddings, synthetic
+
+    def serving_set():  # the vectors of issue 12's serving comparison: 100k x 256, clustered
+        return synthetic(size["serving"], dim=256, queries=size["queries"])
+
     if "search" in verbs:
         from bench.search import bench_search
-        from bench.vectors import real_embeddings, synthetic
 
         results["search"] = []
-        for make in (lambda: synthetic(size["serving"], dim=256, queries=size["queries"]),
+        for make in (serving_set,
                      lambda: real_embeddings(images, os.path.join(work, "cache"), size["real_views"], size["queries"]),
                      lambda: synthetic(size["synthetic"], queries=size["queries"])):
             results["search"] += bench_search(make(), work, svc.serve)
     if "levers" in verbs:
         from bench.levers import run_levers
         from bench.search import factory_for, sharded
-        from bench.vectors import synthetic
 
-        vs = synthetic(size["serving"], dim=256, queries=size["queries"])
+        vs = serving_set()
         index_dir = os.path.join(work, f"index-{vs.name}")
         sharded(vs, factory_for(vs)[0], index_dir, 2)
         ray.shutdown()  # each lever starts its own Ray

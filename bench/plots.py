@@ -10,7 +10,7 @@ COLUMNS = {
     "embedding": ["path", "images", "errors", "images_per_s", "vs_torch_loop", "p50_ms", "p99_ms"],
     "load": ["mode", "concurrency", "requests", "errors", "p50_ms", "p99_ms", "qps", "saturation", "stopped"],
     "memory": ["vectors", "factory", "dim", "load_rss_mb", "bytes_per_vector", "code_plus_id_bytes"],
-    "search": ["dataset", "engine", "index", "nprobe", "concurrency", "recall@10", "qps", "p50_ms", "p99_ms", "build_s"],
+    "search": ["dataset", "engine", "index", "nprobe", "concurrency", "recall@10", "qps", "ms_per_query", "p50_ms", "p99_ms", "build_s"],
     "levers": ["lever", "engine", "concurrency", "recall@10", "qps", "p50_ms", "p99_ms", "errors"],
 }
 TITLES = {

@@ -13,13 +13,12 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 import orjson
 
-from bench.common import percentile
+from bench.common import run_load
 from bench.vectors import VectorSet, recall_at_k
 
 LOG = logging.getLogger(__name__)
@@ -81,32 +80,25 @@ def service_binary(url: str, nprobe: int) -> Callable[[np.ndarray], list[int]]:
 
 def measure_levels(search: Callable[[np.ndarray], list[int]], vs: VectorSet, levels=LEVELS, warmup: int = 50) -> list[dict]:
     """recall@10, QPS, p50 and p99 latency of `search` over every query of `vs`, at each
-    concurrency (closed loop: each client sends its next query when the last one returns)."""
+    concurrency (closed loop, bench.common.run_load: each client sends its next query when the
+    last one returns). A query that fails counts as an error and finds nothing."""
     rows = []
     for q in vs.queries[:warmup]:
         search(q)
     for c in levels:
-        found: list = [None] * len(vs.queries)
-        lat: list[float] = []
-        errors = 0
+        found: list = [[] for _ in vs.queries]
 
-        def one(i: int) -> None:
-            nonlocal errors
-            t = time.perf_counter()
+        def call(i: int) -> bool:
             try:
                 found[i] = search(vs.queries[i])
             except Exception:
-                errors += 1
-                found[i] = []
-            lat.append((time.perf_counter() - t) * 1000)
+                return False
+            return True
 
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(c) as pool:
-            list(pool.map(one, range(len(vs.queries))))
-        wall = time.perf_counter() - t0
+        r = run_load(call, c, len(vs.queries))
         padded = np.array([list(f)[:K] + [-1] * (K - len(f[:K])) for f in found])
-        rows.append({"concurrency": c, "recall@10": recall_at_k(padded, vs.truth, K), "qps": len(vs.queries) / wall,
-                     "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "errors": errors})
+        rows.append({"concurrency": c, "recall@10": recall_at_k(padded, vs.truth, K), "qps": r["qps"],
+                     "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "errors": r["errors"]})
     return rows
 
 

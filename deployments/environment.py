@@ -22,8 +22,7 @@ FAST_PATH = {
 }
 
 
-def apply(env: dict | None = None) -> dict:
-    """Set every fast-path variable that is not already set; returns what is now in force."""
-    for k, v in (FAST_PATH if env is None else env).items():
+def apply() -> None:
+    """Set every fast-path variable that is not already set."""
+    for k, v in FAST_PATH.items():
         os.environ.setdefault(k, v)
-    return {k: os.environ[k] for k in FAST_PATH if k in os.environ}

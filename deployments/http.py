@@ -121,6 +121,8 @@ def parse_vector_request(body: bytes, content_type: str, dim: int, max_vectors: 
         if not body or len(body) % (4 * dim):
             raise ApiError(422, "wrong_dimension", f"a binary body must hold n x {dim} float32 values "
                            f"(a multiple of {4 * dim} bytes), got {len(body)} bytes")
+        if len(body) // (4 * dim) > max_vectors:
+            raise ApiError(422, "too_many_vectors", f"{len(body) // (4 * dim)} vectors, the limit is {max_vectors}")
         x = np.frombuffer(body, dtype="<f4").reshape(-1, dim).astype(np.float32)
         batched, obj = True, {}
     else:
@@ -146,8 +148,6 @@ def parse_vector_request(body: bytes, content_type: str, dim: int, max_vectors: 
         if raw.dtype.kind not in "iuf":
             raise ApiError(422, "invalid_vector", "vector entries must be numbers")
         x = raw.astype(np.float32)
-    if len(x) > max_vectors:
-        raise ApiError(422, "too_many_vectors", f"{len(x)} vectors, the limit is {max_vectors}")
     if not np.isfinite(x).all():
         raise ApiError(422, "invalid_vector", "vector entries must be finite")
     return x, batched, obj

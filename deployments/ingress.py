@@ -28,7 +28,7 @@ from deployments.http import (
     ApiError, JSONResponse, check_token, parse_bool, parse_flags, parse_image_id, parse_k, parse_nprobe,
     parse_vector_request, read_body, read_image,
 )
-from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, rank, run_batch
+from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, rank, run_batch, within
 
 LOG = logging.getLogger("ray.serve")
 # Routes that stay open when the Ingress is at its in-flight limit: operators need them most then.
@@ -52,23 +52,20 @@ class IndexVersion:
     shards: list[DeploymentHandle]
     router: Router
 
+    def shard(self, id_: int) -> DeploymentHandle:
+        """The shard deployment that holds (or will hold) an id."""
+        return self.shards[self.router.shard_for(id_)]
+
 
 def overloaded(what: str) -> ApiError:
     return ApiError(503, "overloaded", f"{what} is at its queue limit; retry shortly", headers={"Retry-After": "1"})
 
 
 async def _bounded(response, timeout_s: float, on_timeout: ApiError, *, keep_running: bool = False):
-    """Await a handle call for at most timeout_s. `keep_running` leaves the call going on timeout
-    (a write that may already be logged must finish, even when its client has been told 503)."""
-    async def wait():
-        return await response
-
-    task = asyncio.ensure_future(wait())
+    """A handle call bounded in time (pipeline.within), its failures turned into API errors."""
     try:
-        return await asyncio.wait_for(asyncio.shield(task) if keep_running else task, timeout_s)
+        return await within(response, timeout_s, keep_running=keep_running)
     except asyncio.TimeoutError:
-        if not keep_running:
-            response.cancel()
         raise on_timeout from None
     except BackPressureError:
         raise overloaded("the service") from None
@@ -251,8 +248,7 @@ class Ingress:
             if self.routing.writes_paused:
                 raise ApiError(503, "writes_paused", "the index is switching versions; retry in a few seconds",
                                headers={"Retry-After": "5"})
-            version = await self._index()
-            shard = version.shards[version.router.shard_for(id_)]
+            shard = (await self._index()).shard(id_)
             unknown = ApiError(503, "write_outcome_unknown",
                                f"the write to image {id_} was not acknowledged within {self.cfg.write_timeout_s} s "
                                "and may still be applied: read it back with GET, or repeat it (writes are idempotent)",
@@ -267,9 +263,7 @@ class Ingress:
         id_ = parse_image_id(request.path_params["id"])
         if request.method == "GET":
             self._authorize_read(request)
-            version = await self._index()
-            shard = version.shards[version.router.shard_for(id_)]
-            meta = await _bounded(shard.get.remote(id_), self.cfg.shard_timeout_s,
+            meta = await _bounded((await self._index()).shard(id_).get.remote(id_), self.cfg.shard_timeout_s,
                                   ApiError(503, "shards_unavailable", f"the shard holding image {id_} did not answer",
                                            headers={"Retry-After": "2"}))
             if meta is None:
@@ -298,8 +292,8 @@ class Ingress:
 
         async def one(h):
             try:
-                return await _bounded(h.info.remote(), self.cfg.shard_timeout_s, ApiError(503, "", ""))
-            except Exception:
+                return await within(h.info.remote(), self.cfg.shard_timeout_s)
+            except Exception:  # down, restarting or too slow: reported as not loaded
                 return None
 
         return list(await asyncio.gather(*[one(h) for h in version.shards]))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
 import numpy as np
@@ -64,10 +64,10 @@ class Query:
     nprobe: Optional[int]             # None: the index's default
     with_vectors: bool                # stored vectors of the hits, for the near-duplicate check
     router: "Router"                  # the index version the request started on
-    rows: int = field(init=False)
 
-    def __post_init__(self):
-        self.rows = len(self.vectors)
+    @property
+    def rows(self) -> int:
+        return len(self.vectors)
 
 
 class Router:
@@ -84,24 +84,19 @@ class Router:
         return int(shard_of([id_], self.slot_table)[0])
 
     async def _call(self, search: ShardSearch, *args) -> dict:
-        response = search(*args)
-        try:
-            return await asyncio.wait_for(_awaited(response), self.timeout_s)
-        except asyncio.TimeoutError:
-            cancel = getattr(response, "cancel", None)
-            if cancel is not None:  # a DeploymentResponse: stop the shard's work too
-                cancel()
-            raise
+        return await within(search(*args), self.timeout_s)
 
     async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int], with_vectors: bool) -> Hits:
         """Every shard searches the whole matrix once; exact top-k merge of those that answer in time."""
         answers = await asyncio.gather(*[self._call(s, queries, k, nprobe, with_vectors) for s in self.shards],
                                        return_exceptions=True)
-        ok = [a for a in answers if not isinstance(a, BaseException)]
-        failed = [a for a in answers if isinstance(a, BaseException)]
+        ok, failed = [], []
         for i, a in enumerate(answers):
             if isinstance(a, BaseException):
                 LOG.warning("shard %d left out: %s", i, type(a).__name__)
+                failed.append(a)
+            else:
+                ok.append(a)
         if not ok:
             if failed and all(self.is_overload(e) for e in failed):
                 raise Overloaded(f"all {len(self.shards)} shards are at their queue limit")
@@ -114,8 +109,21 @@ class Router:
         return Hits(D, I, meta, vectors, partial=len(ok) < len(self.shards))
 
 
-async def _awaited(response: Any) -> Any:
-    return await response
+async def within(response: Any, timeout_s: float, *, keep_running: bool = False) -> Any:
+    """Await a call (a coroutine or a Serve DeploymentResponse) for at most timeout_s; raises
+    asyncio.TimeoutError. On timeout a DeploymentResponse is cancelled, so the callee stops too,
+    unless `keep_running` (a write that may already be logged must finish)."""
+    async def wait():
+        return await response
+
+    task = asyncio.ensure_future(wait())
+    try:
+        return await asyncio.wait_for(asyncio.shield(task) if keep_running else task, timeout_s)
+    except asyncio.TimeoutError:
+        cancel = getattr(response, "cancel", None)
+        if cancel is not None and not keep_running:
+            cancel()
+        raise
 
 
 def _group_key(q: Query) -> tuple:
