@@ -54,7 +54,8 @@ class Service:
         raise RuntimeError(f"the service did not come up on {index_dir}")
 
 
-def run(verbs: list[str], images: str, out: str, quick: bool, port: int) -> dict:
+def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory: str | None = None,
+        nprobe: int = 16) -> dict:
     from bench import plots
     from bench.common import machine, write_results
 
@@ -106,7 +107,7 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int) -> dict
         for make in (serving_set,
                      lambda: real_embeddings(images, os.path.join(work, "cache"), size["real_views"], size["queries"]),
                      lambda: synthetic(size["synthetic"], queries=size["queries"])):
-            results["search"] += bench_search(make(), work, svc.serve)
+            results["search"] += bench_search(make(), work, svc.serve, factory=factory, nprobe=nprobe)
     if "levers" in verbs:
         from bench.levers import run_levers
         from bench.search import factory_for, sharded
@@ -131,6 +132,9 @@ def main(argv=None) -> int:
                    help="folder of real photos (default: ../shared/data/scene15)")
     p.add_argument("--quick", action="store_true", help="small sizes that finish in minutes on 2 cores")
     p.add_argument("--port", type=int, default=8311, help="port of the benchmarked service")
+    p.add_argument("--factory", help="search: FAISS factory for every engine instead of the service's default "
+                   "(e.g. 'IVF{nlist},Flat' to compare at Chroma's recall)")
+    p.add_argument("--nprobe", type=int, default=16, help="search: nprobe of the HTTP comparison at concurrency 1/8/32")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
         print(f"error: --images {args.images} is not a folder of photos", file=sys.stderr)
         return 2
     verbs = ["indexing", "embedding", "load", "memory", "search"] if args.verb == "all" else [args.verb]
-    results = run(verbs, args.images, args.out, args.quick, args.port)
+    results = run(verbs, args.images, args.out, args.quick, args.port, args.factory, args.nprobe)
     print(open(os.path.join(args.out, f"{'all' if args.verb == 'all' else args.verb}.md")).read())
     print(json.dumps({"seconds": results["seconds"], "out": args.out}))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -51,13 +52,14 @@ def measure(search: Callable[[np.ndarray], list[int]], vs: VectorSet, concurrenc
             "ms_per_query": 1000 * wall / len(vs.queries) * concurrency}
 
 
-def factory_for(vs: VectorSet) -> tuple[str, int]:
-    """The service's default factory for this corpus size, and its nlist."""
+def factory_for(vs: VectorSet, override: Optional[str] = None) -> tuple[str, int]:
+    """The service's default factory for this corpus size (or `override`, placeholders filled the
+    same way), and its nlist."""
     from configs.schema import load_config
     from indexing.template import choose_factory
 
     cfg = load_config().index
-    factory = choose_factory(cfg, len(vs.base), vs.dim, min(len(vs.base), cfg.train_sample))
+    factory = choose_factory(cfg, len(vs.base), vs.dim, min(len(vs.base), cfg.train_sample), override)
     nlist = int(factory.split(",")[0][3:]) if factory.startswith("IVF") else 1
     return factory, nlist
 
@@ -188,9 +190,11 @@ def installed(module: str) -> bool:
 
 
 def bench_search(vs: VectorSet, workdir: str, url_for: Callable[[str], str], shards: int = 2,
-                 max_exact_peer: int = 200_000) -> list[dict]:
-    """Every engine on one vector set; `url_for(index_dir)` serves an index and returns its URL."""
-    factory, nlist = factory_for(vs)
+                 max_exact_peer: int = 200_000, factory: Optional[str] = None, nprobe: int = 16) -> list[dict]:
+    """Every engine on one vector set; `url_for(index_dir)` serves an index and returns its URL.
+    `factory` replaces the service's default for every FAISS engine; `nprobe` is the one the HTTP
+    engines are compared at."""
+    factory, nlist = factory_for(vs, factory)
     rows = []
 
     def run(engine: str, searchers: Searchers, build_s: float, concurrency: int = 1, note: str = ""):
@@ -204,14 +208,14 @@ def bench_search(vs: VectorSet, workdir: str, url_for: Callable[[str], str], sha
 
     t = time.time()
     run("faiss (plain)", plain_faiss(vs, factory), time.time() - t)
-    index_dir = os.path.join(workdir, f"index-{vs.name}")
+    index_dir = os.path.join(workdir, f"index-{vs.name}-{re.sub(r'[^A-Za-z0-9]+', '_', factory)}")
     t = time.time()
     local = sharded(vs, factory, index_dir, shards)
     run(f"ShardedIndex ({shards} shards)", local, time.time() - t)
     url = url_for(index_dir)
     run("service HTTP", service(url), 0.0)
     if len(vs.base) <= max_exact_peer:  # Chroma's HTTP inserts take too long beyond this
-        rows += http_levels(vs, factory, url, workdir)
+        rows += http_levels(vs, factory, url, workdir, nprobe)
     for name, module in PEERS.items():
         if not installed(module):
             LOG.info("%s not installed (pip install -e '.[bench]'): skipped", name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def http_baseline(vs: VectorSet, factory: str, nprobe: int, workdir: str):
     """Start the one-process baseline on the same factory; returns (search, stop)."""
     import faiss
 
-    path = os.path.join(workdir, f"baseline-{vs.name}.faiss")
+    path = os.path.join(workdir, f"baseline-{vs.name}-{re.sub(r'[^A-Za-z0-9]+', '_', factory)}.faiss")
     if not os.path.exists(path):
         index = faiss.index_factory(vs.dim, factory, faiss.METRIC_INNER_PRODUCT)
         index.train(vs.base)
