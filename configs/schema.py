@@ -71,6 +71,8 @@ class BuildConfig(_Strict):
         description="file endings read as images (case-insensitive); other files are ignored",
     )
     decode_batch_size: PositiveInt = Field(64, description="images per decode task batch")
+    decode_num_cpus: PositiveFloat = Field(
+        1.0, description="CPUs each read+decode task reserves; lower it to build beside a running service")
     embed_batch_size: PositiveInt = Field(64, description="images per embedding actor batch")
     min_actors: PositiveInt = Field(1, description="embedding actor pool lower bound")
     max_actors: PositiveInt = Field(2, description="embedding actor pool upper bound")
@@ -114,12 +116,21 @@ class ServeConfig(_Strict):
     write_timeout_s: PositiveFloat = Field(
         10.0, description="a write not acknowledged in time gets 503 'write_outcome_unknown' (it may still apply)")
     dedupe_fetch_factor: PositiveInt = Field(2, description="the ranker fetches k*factor to still return k after dropping duplicates")
-    near_duplicate_cosine: Optional[float] = Field(
-        0.97, gt=0, le=1, description="collapse results whose cosine to a better result is at least this; null: off")
+    near_duplicate_bits: Optional[int] = Field(
+        12, ge=0, le=64, description="collapse a result whose 64-bit perceptual hash differs from a better result's in "
+        "at most this many bits (resized, recompressed, lightly cropped copies); null: only identical bytes collapse")
     exclude_query_image: bool = Field(False, description="default of ?exclude_self: drop results with the query's bytes")
     write_tokens: list[str] = Field(default_factory=list, description="bearer tokens allowed to write (also env IMSEARCH_WRITE_TOKENS); none: writes refused")
     read_tokens: list[str] = Field(default_factory=list, description="when set (or env IMSEARCH_READ_TOKENS), reads need one of these or a write token")
     compact_after_bytes: PositiveInt = Field(64 * 1024 * 1024, description="a shard snapshots and trims its log past this size")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "near_duplicate_cosine" in data:
+            raise ValueError("near_duplicate_cosine is gone: copies are found by perceptual hash, whatever the model "
+                             "(set near_duplicate_bits, default 12; null collapses only identical bytes)")
+        return data
 
     @model_validator(mode="after")
     def _k(self):

@@ -9,6 +9,7 @@ import numpy as np
 from ray import serve
 
 from configs.schema import DecodeConfig, ModelConfig
+from embedding.copies import perceptual_hash
 from embedding.decode import ImageDecodeError
 
 
@@ -42,10 +43,15 @@ class Embedder:
         vectors = await asyncio.to_thread(self.model.embed_pixels, np.stack(pixels))
         return list(vectors)
 
+    def _prepare(self, data: bytes) -> tuple[np.ndarray, int]:
+        pixels = self.model.prepare(data)
+        return pixels, perceptual_hash(pixels)
+
     async def embed_image(self, data: bytes) -> dict:
-        """{"vector": (D,) float32} or {"error": code, "message": text} for an undecodable upload."""
+        """{"vector": (D,) float32, "phash": int} or {"error": code, "message": text} for an
+        undecodable upload. The hash is taken from the pixels the model sees, as a build does."""
         try:
-            pixels = await asyncio.to_thread(self.model.prepare, data)
+            pixels, phash = await asyncio.to_thread(self._prepare, data)
         except ImageDecodeError as e:
             return {"error": e.code, "message": str(e)}
-        return {"vector": await self._embed_batch(pixels)}
+        return {"vector": await self._embed_batch(pixels), "phash": phash}

@@ -114,7 +114,7 @@ class Ingress:
             info = await _bounded(entry.info.remote(), self.cfg.shard_timeout_s * 5,
                                   ApiError(503, "index_unavailable", f"index application {app} does not answer"))
             shards = [serve.get_deployment_handle(name, app_name=app, _check_exists=False) for name in info["shards"]]
-            searches = [lambda q, k, p, v, h=h: h.search.remote(q, k, p, v) for h in shards]
+            searches = [lambda q, k, p, h=h: h.search.remote(q, k, p) for h in shards]
             router = Router(searches, info["slot_table"], info["metric"], self.cfg.shard_timeout_s,
                             is_overload=lambda e: isinstance(e, BackPressureError))
             self.version = IndexVersion(app, info, shards, router)  # a request keeps the version it started on
@@ -174,19 +174,17 @@ class Ingress:
                            f"results; the limit per request is {self.cfg.max_hits_per_request}")
         version = await self._index()
         fetch = k * self.cfg.dedupe_fetch_factor if dedupe or exclude_sha256 else k
-        near = dedupe and self.cfg.near_duplicate_cosine is not None
-        hits = await self._search_batch(Query(queries, fetch, nprobe, near, version.router))
+        hits = await self._search_batch(Query(queries, fetch, nprobe, version.router))
         if isinstance(hits, Overloaded):
             raise overloaded("every shard")
         if isinstance(hits, ShardsUnavailable):
             raise ApiError(503, "shards_unavailable", str(hits), headers={"Retry-After": "2"})
         if isinstance(hits, Exception):
             raise hits
-        results = rank(hits, k, near_duplicate_cosine=self.cfg.near_duplicate_cosine,
-                       exclude_sha256=exclude_sha256, dedupe=dedupe)
+        results = rank(hits, k, copy_bits=self.cfg.near_duplicate_bits, exclude_sha256=exclude_sha256, dedupe=dedupe)
         return results, hits.partial
 
-    async def _embed_upload(self, request: Request) -> tuple[np.ndarray, bytes]:
+    async def _embed_upload(self, request: Request) -> tuple[np.ndarray, bytes, int]:
         data = await read_image(request, self.decode.max_bytes)
         emb = await _bounded(self.embedder.embed_image.remote(data), self.cfg.embed_timeout_s,
                              ApiError(503, "embedder_timeout", f"the image was not embedded within "
@@ -197,7 +195,7 @@ class Ingress:
         if len(emb["vector"]) != dim:
             raise ApiError(503, "model_mismatch", f"the embedder gives dimension {len(emb['vector'])}, "
                            f"the index holds {dim}: this index only answers /search/vector")
-        return emb["vector"], data
+        return emb["vector"], data, emb["phash"]
 
     def _nprobe(self, raw) -> Optional[int]:
         return parse_nprobe(raw, self.cfg.max_nprobe)
@@ -210,7 +208,7 @@ class Ingress:
         nprobe = self._nprobe(q.get("nprobe"))
         exclude_self = parse_bool(q.get("exclude_self"), self.cfg.exclude_query_image, "exclude_self")
         dedupe = parse_bool(q.get("dedupe"), True, "dedupe")
-        vector, data = await self._embed_upload(request)
+        vector, data, _ = await self._embed_upload(request)
         own = hashlib.sha256(data).hexdigest() if exclude_self else None
         results, partial = await self._search(vector[None, :], k, nprobe, own, dedupe)
         return JSONResponse({"results": results[0], "partial": partial, "took_ms": _ms(t0)})
@@ -219,7 +217,7 @@ class Ingress:
         """The query vector of an uploaded image, for clients that keep their own vectors."""
         t0 = time.perf_counter()
         self._authorize_read(request)
-        vector, _ = await self._embed_upload(request)
+        vector, _, _ = await self._embed_upload(request)
         return JSONResponse({"vector": vector, "dim": len(vector), "took_ms": _ms(t0)})
 
     async def search_vector(self, request: Request) -> Response:
@@ -271,9 +269,9 @@ class Ingress:
             return JSONResponse(meta)
         self._authorize_write(request)
         if request.method == "PUT":
-            vector, data = await self._embed_upload(request)
+            vector, data, phash = await self._embed_upload(request)
             uri = request.query_params.get("uri", "")
-            existed = await self._write("upsert", id_, vector, uri, hashlib.sha256(data).hexdigest())
+            existed = await self._write("upsert", id_, vector, uri, hashlib.sha256(data).hexdigest(), None, None, phash)
             return JSONResponse({"id": id_, "created": not existed}, status_code=200 if existed else 201)
         if request.method == "DELETE":
             if not await self._write("delete", id_):

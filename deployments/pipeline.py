@@ -4,7 +4,7 @@ no Ray: the Ingress feeds it DeploymentHandles, tests feed it shards searched in
 1. The Ingress validates a request into a `Query` (vectors, k, nprobe, the index version it
    started on) and hands it to its `@serve.batch` method, which calls `run_batch` with every
    query that arrived meanwhile.
-2. `run_batch` groups compatible queries (same index version, nprobe and vector need, k within a
+2. `run_batch` groups compatible queries (same index version, dimension and nprobe, k within a
    factor of two), stacks each group into one matrix, and asks the `Router` of that version.
 3. `Router.search` sends the matrix to every shard at once (one call per shard, not per query),
    leaves out shards that miss the deadline (partial answer) and merges the shards' top-k
@@ -27,9 +27,9 @@ from indexing.policy import rank_results
 
 LOG = logging.getLogger("ray.serve")
 
-# A shard as the pipeline sees it: search(queries, k, nprobe, with_vectors) -> awaitable dict
-# {"D", "I", "meta", "vector_ids", "vectors"}. In the service it calls a DeploymentHandle.
-ShardSearch = Callable[[np.ndarray, int, Optional[int], bool], Awaitable[dict]]
+# A shard as the pipeline sees it: search(queries, k, nprobe) -> awaitable dict {"D", "I", "meta"}.
+# In the service it calls a DeploymentHandle.
+ShardSearch = Callable[[np.ndarray, int, Optional[int]], Awaitable[dict]]
 
 
 class ShardsUnavailable(Exception):
@@ -46,13 +46,12 @@ class Hits:
 
     scores: np.ndarray                # (n, fetch) float32
     ids: np.ndarray                   # (n, fetch) int64, -1 padded
-    meta: dict                        # id -> (uri, sha256) of every returned id
-    vectors: Optional[dict]           # id -> stored vector, when asked for (near-duplicate check)
+    meta: dict                        # id -> (uri, sha256, perceptual hash) of every returned id
     partial: bool                     # some shard was left out
 
     def rows(self, start: int, stop: int, k: int) -> "Hits":
         """The hits of queries start..stop, cut to the first k candidates."""
-        return Hits(self.scores[start:stop, :k], self.ids[start:stop, :k], self.meta, self.vectors, self.partial)
+        return Hits(self.scores[start:stop, :k], self.ids[start:stop, :k], self.meta, self.partial)
 
 
 @dataclass
@@ -62,7 +61,6 @@ class Query:
     vectors: np.ndarray               # (n, d) float32
     fetch: int                        # candidates per query wanted from the shards
     nprobe: Optional[int]             # None: the index's default
-    with_vectors: bool                # stored vectors of the hits, for the near-duplicate check
     router: "Router"                  # the index version the request started on
 
     @property
@@ -86,9 +84,9 @@ class Router:
     async def _call(self, search: ShardSearch, *args) -> dict:
         return await within(search(*args), self.timeout_s)
 
-    async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int], with_vectors: bool) -> Hits:
+    async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int]) -> Hits:
         """Every shard searches the whole matrix once; exact top-k merge of those that answer in time."""
-        answers = await asyncio.gather(*[self._call(s, queries, k, nprobe, with_vectors) for s in self.shards],
+        answers = await asyncio.gather(*[self._call(s, queries, k, nprobe) for s in self.shards],
                                        return_exceptions=True)
         ok, failed = [], []
         for i, a in enumerate(answers):
@@ -100,13 +98,12 @@ class Router:
         if not ok:
             if failed and all(self.is_overload(e) for e in failed):
                 raise Overloaded(f"all {len(self.shards)} shards are at their queue limit")
-            raise ShardsUnavailable(f"none of {len(self.shards)} shards answered within {self.timeout_s} s")
+            kinds = sorted({type(e).__name__ for e in failed})
+            raise ShardsUnavailable(f"none of {len(self.shards)} shards answered " + (
+                f"within {self.timeout_s} s" if kinds == ["TimeoutError"] else f"({', '.join(kinds)})"))
         D, I = merge_topk([(a["D"], a["I"]) for a in ok], k, self.metric)
         meta = {i: m for a in ok for i, m in a["meta"].items()}
-        vectors = None
-        if with_vectors:
-            vectors = {i: v for a in ok if a["vectors"] is not None for i, v in zip(a["vector_ids"].tolist(), a["vectors"])}
-        return Hits(D, I, meta, vectors, partial=len(ok) < len(self.shards))
+        return Hits(D, I, meta, partial=len(ok) < len(self.shards))
 
 
 async def within(response: Any, timeout_s: float, *, keep_running: bool = False) -> Any:
@@ -129,7 +126,7 @@ async def within(response: Any, timeout_s: float, *, keep_running: bool = False)
 def _group_key(q: Query) -> tuple:
     # k within a factor of two shares a search: asking a shard for a few more candidates costs
     # far less than a second call, and a much larger k would slow the small ones down.
-    return id(q.router), q.vectors.shape[1], q.nprobe, q.with_vectors, int(q.fetch - 1).bit_length()
+    return id(q.router), q.vectors.shape[1], q.nprobe, int(q.fetch - 1).bit_length()
 
 
 async def run_batch(queries: list[Query]) -> list[Any]:
@@ -145,7 +142,7 @@ async def run_batch(queries: list[Query]) -> list[Any]:
         fetch = max(q.fetch for q in qs)
         matrix = qs[0].vectors if len(qs) == 1 else np.concatenate([q.vectors for q in qs])
         try:
-            hits = await qs[0].router.search(matrix, fetch, qs[0].nprobe, qs[0].with_vectors)
+            hits = await qs[0].router.search(matrix, fetch, qs[0].nprobe)
         except Exception as e:  # every member gets the same error; other groups are unaffected
             for p in members:
                 out[p] = e
@@ -159,8 +156,8 @@ async def run_batch(queries: list[Query]) -> list[Any]:
     return out
 
 
-def rank(hits: Hits, k: int, *, near_duplicate_cosine: Optional[float], exclude_sha256: Optional[str] = None,
+def rank(hits: Hits, k: int, *, copy_bits: Optional[int], exclude_sha256: Optional[str] = None,
          dedupe: bool = True) -> list[list[dict]]:
     """The ranking policy (indexing.policy) on one query's merged hits: result dicts per query."""
-    return rank_results(hits.scores, hits.ids, k, hits.meta, vectors=hits.vectors,
-                        near_duplicate_cosine=near_duplicate_cosine, exclude_sha256=exclude_sha256, dedupe=dedupe)
+    return rank_results(hits.scores, hits.ids, k, hits.meta, copy_bits=copy_bits, exclude_sha256=exclude_sha256,
+                        dedupe=dedupe)

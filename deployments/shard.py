@@ -29,15 +29,15 @@ class Shard:
         self.shard_no, self.nprobe, self.compact_after_bytes = shard_no, manifest["nprobe"], compact_after_bytes
         LOG.info("shard %d loaded: %d vectors", shard_no, self.shard.ntotal)
 
-    async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None, with_vectors: bool = False) -> dict:
-        """{"D", "I", "meta", "vector_ids", "vectors"} for a whole matrix of queries (the Ingress
-        batches concurrent requests); faiss releases the GIL, so it runs in a worker thread."""
-        return await asyncio.to_thread(self.shard.search, queries, k, nprobe or self.nprobe, with_vectors)
+    async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None) -> dict:
+        """{"D", "I", "meta"} for a whole matrix of queries (the Ingress batches concurrent
+        requests); faiss releases the GIL, so it runs in a worker thread."""
+        return await asyncio.to_thread(self.shard.search, queries, k, nprobe or self.nprobe)
 
     async def write(self, op: str, id_: int, vector: Optional[np.ndarray] = None, uri: str = "", sha256: str = "",
-                    private: Optional[bool] = None, unsafe: Optional[bool] = None) -> bool:
+                    private: Optional[bool] = None, unsafe: Optional[bool] = None, phash: Optional[int] = None) -> bool:
         """Log (fsync) and apply a write; True when the id existed. Compacts past the size limit."""
-        rec = Record(op, id_, vector, uri, sha256, private, unsafe)
+        rec = Record(op, id_, vector, uri, sha256, private, unsafe, phash)
         existed = await asyncio.to_thread(self.shard.write, rec)
         if self.shard.log_bytes() > self.compact_after_bytes:
             await asyncio.to_thread(self.shard.compact)

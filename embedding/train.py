@@ -50,6 +50,7 @@ class TrainData:
     pairs: list[tuple[int, int]] = field(default_factory=list)
     heldout: list[str] = field(default_factory=list)
     heldout_categories: Optional[list[str]] = None
+    category_names: list[str] = field(default_factory=list)  # categories[i] indexes this list
 
 
 def load_sources(images: str, labels_csv: Optional[str], pairs_jsonl: Optional[str], cfg: AppConfig) -> TrainData:
@@ -73,7 +74,7 @@ def load_sources(images: str, labels_csv: Optional[str], pairs_jsonl: Optional[s
             train += [(p, c) for p in ps[n_held:]]
         names = sorted(by_cat)
         data = TrainData(images, [p for p, _ in train], [names.index(c) for _, c in train],
-                         heldout=[p for p, _ in held], heldout_categories=[c for _, c in held])
+                         heldout=[p for p, _ in held], heldout_categories=[c for _, c in held], category_names=names)
     else:
         files = [rel for _, rel in list_files(images, cfg.build.extensions)]
         rng.shuffle(files)
@@ -393,25 +394,32 @@ def export(state: dict, model_cfg: ModelConfig, path: str) -> str:
 
 
 def evaluate_before_after(data: TrainData, cfg: AppConfig, trained: str, out: str) -> dict:
-    """The evaluation job on the held-out images, pretrained vs trained: category leave-one-out
-    (nDCG@10, P@10, mAP) with labels, and near-duplicate recall@1 under heavy edits always."""
+    """The evaluation job, pretrained vs trained, ranked with the service's policy (copies collapse,
+    as `serve.near_duplicate_bits` says). With labels, category leave-one-out (nDCG@10, P@10, mAP)
+    under two protocols: held-out images among themselves, and (`corpus_*`) held-out images as
+    queries against every labelled image, the training images included: what a user of a service
+    built from this corpus meets. Near-duplicate recall@1 under heavy edits always."""
     from embedding.embedder import Embedder
     from evaluation.edits import HEAVY_EDITS, near_duplicate_recall
-    from evaluation.run import category_judgements, in_process_searcher, read_images, run_evaluation
+    from evaluation.run import in_process_searcher, labelled_judgements, read_images, run_evaluation
 
     if not data.heldout:
         return {}
     models = {"pretrained": cfg.model, "trained": cfg.model.model_copy(update={"weights": trained})}
     report: dict = {name: {} for name in models}
     if data.heldout_categories:
-        held_csv = os.path.join(out, "heldout.csv")
-        with open(held_csv, "w", newline="") as f:
-            csv.writer(f).writerows([("path", "category"), *zip(data.heldout, data.heldout_categories)])
-        judged = category_judgements(held_csv)
+        held = list(zip(data.heldout, data.heldout_categories))
+        with open(os.path.join(out, "heldout.txt"), "w") as f:  # `evaluation run --queries` takes it
+            f.writelines(p + "\n" for p in data.heldout)
+        # Click-pair images outside the labels (negative categories) belong to no category.
+        labelled = [(p, data.category_names[c]) for p, c in zip(data.paths, data.categories) if c >= 0] + held
+        protocols = {"": labelled_judgements(held), "corpus_": labelled_judgements(labelled, data.heldout)}
         for name, m in models.items():
-            search, _ = in_process_searcher(data.root, judged.database, cfg.model_copy(update={"model": m}), "Flat")
-            r = run_evaluation(judged, search, k=10)
-            report[name].update({k: r[k] for k in ("ndcg@10", "p@10", "map")})
+            app = cfg.model_copy(update={"model": m})
+            for prefix, judged in protocols.items():
+                search, _ = in_process_searcher(data.root, judged.database, app, "Flat")
+                r = run_evaluation(judged, search, k=10)
+                report[name].update({prefix + k: r[k] for k in ("ndcg@10", "p@10", "map")})
     originals = read_images(data.root, data.heldout)
     for name, m in models.items():
         report[name]["near_dup_recall@1_heavy"] = near_duplicate_recall(Embedder(m, cfg.decode), originals, **HEAVY_EDITS)
@@ -426,4 +434,7 @@ def format_report(report: dict) -> str:
     for k in report["pretrained"]:
         a, b = report["pretrained"][k], report["trained"][k]
         lines.append(f"{k:<26}{a:>12.4f}{b:>12.4f}{b - a:>+10.4f}")
+    if any(k.startswith("corpus_") for k in report["pretrained"]):
+        lines.append("ranked as the service ranks (copies collapsed). Plain: held-out images among themselves; "
+                     "corpus_: held-out queries against every labelled image, the training images included.")
     return "\n".join(lines)

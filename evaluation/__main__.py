@@ -26,7 +26,9 @@ def _cmd_run(args) -> int:
     if args.labels and not args.leave_one_out:
         raise ValueError("category labels are evaluated leave-one-out: add --leave-one-out")
     root = args.root or os.path.dirname(os.path.abspath(args.labels or args.pairs))
-    judged = category_judgements(args.labels) if args.labels else pair_judgements(args.pairs, args.database)
+    if args.queries and not args.labels:
+        raise ValueError("--queries picks query images among --labels; with --pairs the queries are the CSV's")
+    judged = category_judgements(args.labels, args.queries) if args.labels else pair_judgements(args.pairs, args.database)
     cfg = load_config(args.config)
     if args.url:
         search = service_searcher(root, args.url)
@@ -92,6 +94,8 @@ def main(argv=None) -> int:
     r.add_argument("--database", help="for --pairs: file listing the database images, one per line")
     r.add_argument("--root", help="folder the CSV paths are relative to (default: the CSV's folder)")
     r.add_argument("--leave-one-out", action="store_true", help="every image queries all the others")
+    r.add_argument("--queries", help="with --labels: file listing the query images, one per line (default: all); "
+                   "the database stays every labelled image, e.g. the held-out list `embedding train` writes")
     r.add_argument("--k", type=int, default=10, help="cutoff of nDCG@k and P@k")
     r.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10])
     r.add_argument("--url", help="evaluate a running service instead of an in-process index")

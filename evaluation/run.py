@@ -40,17 +40,33 @@ def _read_csv(path: str) -> list[list[str]]:
     return rows[1:]
 
 
-def category_judgements(labels_csv: str) -> Judgements:
-    """`path,category` rows, leave-one-out: every image queries all others; same category is relevant."""
+def category_judgements(labels_csv: str, queries_list: Optional[str] = None) -> Judgements:
+    """`path,category` rows, leave-one-out: every image (or each one `queries_list` names, one path
+    per line) queries all the others; same category is relevant."""
     rows = _read_csv(labels_csv)
     if any(len(r) < 2 for r in rows):
         raise ValueError(f"{labels_csv}: every row needs path,category")
+    queries = None
+    if queries_list:
+        with open(queries_list) as f:
+            queries = [line.strip() for line in f if line.strip()]
+        unknown = sorted(set(queries) - {r[0] for r in rows})
+        if unknown:
+            raise ValueError(f"{queries_list}: {len(unknown)} queries are not in {labels_csv}, e.g. {unknown[0]}")
+    return labelled_judgements([(r[0], r[1]) for r in rows], queries)
+
+
+def labelled_judgements(rows: Sequence[tuple[str, str]], queries: Optional[Sequence[str]] = None) -> Judgements:
+    """(path, category) pairs, leave-one-out: each query (default: every image) searches all the
+    images, itself left out; the others of its category are relevant."""
     by_cat: dict[str, set[str]] = {}
-    for path, cat, *_ in rows:
+    for path, cat in rows:
         by_cat.setdefault(cat, set()).add(path)
-    paths = [r[0] for r in rows]
-    relevant = {p: by_cat[c] - {p} for p, c, *_ in rows}
-    return Judgements(paths, paths, relevant, exclude_self=True, protocol="category leave-one-out",
+    category = dict(rows)
+    paths = [p for p, _ in rows]
+    queries = list(queries) if queries is not None else paths
+    relevant = {q: by_cat[category[q]] - {q} for q in queries}
+    return Judgements(queries, paths, relevant, exclude_self=True, protocol="category leave-one-out",
                       meta={"categories": len(by_cat)})
 
 
@@ -91,19 +107,31 @@ def score(judged: Judgements, ranked: list[list[str]], k: int, recall_ks: Sequen
 def in_process_searcher(
     root: str, database: list[str], cfg: AppConfig, factory: Optional[str], shards: int = 1
 ) -> tuple[Searcher, str]:
-    """Embed the database, index it with the project's build (a temporary index dir) and search
-    it through ShardedIndex; returns the searcher and the factory the build chose."""
+    """Embed the database, index it with the project's build (a temporary index dir), search it
+    through ShardedIndex and rank the hits with the service's policy (copies collapse:
+    `serve.near_duplicate_bits`), so the numbers are what the service would return. Returns the
+    searcher and the factory the build chose."""
+    import hashlib
+
+    from embedding.copies import perceptual_hash
     from embedding.embedder import Embedder
     from indexing import ShardedIndex
     from indexing.build import build_from_vectors
     from indexing.ids import id_from_path
+    from indexing.policy import rank_results
 
     emb = Embedder(cfg.model, cfg.decode)
     t0 = time.time()
-    x = embed_paths(emb, root, database)
-    LOG.info("embedded %d database images in %.1f s", len(database), time.time() - t0)
+    x = np.empty((len(database), emb.dim), np.float32)
     ids = np.array([id_from_path(p) for p in database], np.int64)
-    path_of = dict(zip(ids.tolist(), database))
+    meta = {}
+    for s in range(0, len(database), 64):
+        blobs = read_images(root, database[s : s + 64])
+        pixels = np.stack([emb.prepare(b) for b in blobs])
+        x[s : s + len(blobs)] = emb.embed_pixels(pixels)
+        for i, path, data, px in zip(ids[s:].tolist(), database[s:], blobs, pixels):
+            meta[i] = (path, hashlib.sha256(data).hexdigest(), perceptual_hash(px))
+    LOG.info("embedded %d database images in %.1f s", len(database), time.time() - t0)
     tmp = tempfile.mkdtemp(prefix="eval-index-")
     build_from_vectors(x, ids, tmp, cfg, shards, factory)
     ix = ShardedIndex.open(tmp)
@@ -114,8 +142,9 @@ def in_process_searcher(
         if missing:
             cache.update(zip(missing, embed_paths(emb, root, missing)))
         q = np.stack([cache[p] for p in queries])
-        _, I = ix.search(q, min(depth, ix.ntotal))
-        return [[path_of[i] for i in row if i >= 0] for row in I]
+        D, I = ix.search(q, min(depth * cfg.serve.dedupe_fetch_factor, ix.ntotal))
+        ranked = rank_results(D, I, depth, meta, copy_bits=cfg.serve.near_duplicate_bits)
+        return [[r["uri"] for r in row] for row in ranked]
 
     return search, ix.manifest.factory
 
@@ -135,7 +164,8 @@ def service_searcher(root: str, url: str) -> Searcher:
         for data in read_images(root, queries):
             r = client.post(f"/search?k={min(depth, 1000)}", content=data,
                             headers={"content-type": "application/octet-stream"})
-            r.raise_for_status()
+            if r.status_code != 200:
+                raise ValueError(f"{url} answered {r.status_code} to a search: {r.text[:500]}")
             out.append([rel(h["uri"]) for h in r.json()["results"]])
         return out
 

@@ -28,7 +28,7 @@ from indexing.shards import add_to_shard, deserialize, make_template, serialize,
 from indexing.template import choose_factory
 
 LOG = logging.getLogger(__name__)
-CATALOG_COLUMNS = ["id", "uri", "sha256", "width", "height"]
+CATALOG_COLUMNS = ["id", "uri", "sha256", "phash", "width", "height"]
 
 
 class BuildError(RuntimeError):
@@ -81,12 +81,14 @@ def assign_ids(rel_paths: list[str]) -> np.ndarray:
 
 
 def decode_batch(batch: dict, *, root: str, scheme: str, image_size: int, decode: dict) -> dict:
-    """Ray Data stage: raw bytes -> fixed-size pixels, id, catalog fields, and an error string."""
+    """Ray Data stage: raw bytes -> fixed-size pixels, id, catalog fields (with the perceptual hash
+    of those pixels, as the service computes it for uploads), and an error string."""
+    from embedding.copies import perceptual_hash
     from embedding.decode import ImageDecodeError, decode_image, resize_rgb
 
     n = len(batch["path"])
     pixels = np.zeros((n, image_size, image_size, 3), np.uint8)
-    out = {k: [] for k in ("id", "uri", "sha256", "width", "height", "error")}
+    out = {k: [] for k in ("id", "uri", "sha256", "phash", "width", "height", "error")}
     for i, (path, data) in enumerate(zip(batch["path"], batch["bytes"])):
         rel = posixpath.relpath(str(path), root)
         out["id"].append(id_from_path(rel))
@@ -97,13 +99,16 @@ def decode_batch(batch: dict, *, root: str, scheme: str, image_size: int, decode
             out["width"].append(img.width)
             out["height"].append(img.height)
             pixels[i] = resize_rgb(img, image_size)
+            out["phash"].append(perceptual_hash(pixels[i]))
             out["error"].append("")
         except ImageDecodeError as e:
+            out["phash"].append(0)
             out["width"].append(0)
             out["height"].append(0)
             out["error"].append(str(e))
     res = {k: np.asarray(v) for k, v in out.items()}
     res["id"] = res["id"].astype(np.int64)
+    res["phash"] = res["phash"].astype(np.int64)
     res["pixels"] = pixels
     return res
 
@@ -122,7 +127,7 @@ class EmbedBatch:
         emb = np.zeros((len(ok), self.embedder.dim), np.float32)
         if ok.any():
             emb[ok] = self.embedder.embed_pixels(batch["pixels"][ok])
-        cols = {k: batch[k] for k in ("id", "uri", "sha256", "width", "height", "error")}
+        cols = {k: batch[k] for k in ("id", "uri", "sha256", "phash", "width", "height", "error")}
         cols["shard"] = shard_of(batch["id"], self.slot_table)
         table = pa.table({k: pa.array(np.asarray(v)) for k, v in cols.items()})
         return table.append_column("embedding", vectors_to_arrow(emb))
@@ -183,6 +188,7 @@ def write_vectors_parquet(uri: str, ids: np.ndarray, vectors: np.ndarray, slot_t
             "id": pa.array(ids, pa.int64()),
             "uri": pa.array([""] * len(ids)),
             "sha256": pa.array([""] * len(ids)),
+            "phash": pa.nulls(len(ids), pa.int64()),  # no pixels: only exact duplicates by sha256 collapse
             "width": pa.array(np.zeros(len(ids), np.int64)),
             "height": pa.array(np.zeros(len(ids), np.int64)),
             "error": pa.array([""] * len(ids)),
@@ -223,7 +229,7 @@ def write_shards(index_dir: str, version: int, template: bytes, emb_uri: str, nu
 
 
 def write_catalog(index_dir: str, emb_uri: str, name: str) -> None:
-    """catalog.parquet: id -> uri, sha256, width, height of every indexed image."""
+    """catalog.parquet: id -> uri, sha256, perceptual hash, width, height of every indexed image."""
     t = read_embeddings(emb_uri, columns=CATALOG_COLUMNS).sort_by("id")
     buf = io.BytesIO()
     pq.write_table(t, buf)
@@ -316,10 +322,11 @@ def build_from_images(
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     b = cfg.build
     ds = ray.data.read_binary_files(
-        [p.split("://", 1)[1] if scheme else p for p, _ in listed], include_paths=True, filesystem=fs
+        [p.split("://", 1)[1] if scheme else p for p, _ in listed], include_paths=True, filesystem=fs,
+        num_cpus=b.decode_num_cpus,
     )
     ds = ds.map_batches(
-        decode_batch, batch_size=b.decode_batch_size, batch_format="numpy",
+        decode_batch, batch_size=b.decode_batch_size, batch_format="numpy", num_cpus=b.decode_num_cpus,
         fn_kwargs=dict(root=root.replace("\\", "/"), scheme=scheme, image_size=cfg.model.image_size,
                        decode=cfg.decode.model_dump()),
     )

@@ -3,7 +3,7 @@
 State on disk, per manifest version and shard, in `DIR/live/vN/`:
   shard-000.json        the current generation: {"generation", "index", "meta", "log"}
   shard-000.gG.faiss    snapshot index of generation G (G = 0 is the build's shard file)
-  shard-000.gG.parquet  snapshot metadata: id, uri, sha256, private, unsafe
+  shard-000.gG.parquet  snapshot metadata: id, uri, sha256, private, unsafe, phash
   shard-000.gG.wal      writes since that snapshot
   shard-000.lock        serialises appends and compaction across replicas
 Every replica tails the current log before each search, so once one replica acknowledges a
@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 
 import faiss
 import numpy as np
+from embedding.copies import hash_hex
 from indexing import storage, wal
 from indexing.catalog import read_meta, write_meta
 from indexing.ids import shard_of
@@ -139,7 +140,7 @@ class LiveShard:
         self.sync()
 
     def _load_meta(self, state: dict) -> dict[int, list]:
-        """id -> [uri, sha256, private, unsafe]; generation 0 takes this shard's rows of the catalog."""
+        """id -> [uri, sha256, private, unsafe, phash]; generation 0 takes this shard's rows of the catalog."""
         if state["meta"]:
             return read_meta(self.live, state["meta"])
         catalog = read_meta(self.root, self.manifest.catalog)
@@ -168,7 +169,7 @@ class LiveShard:
                 self.index.remove_ids(ids)
             add_to_shard(self.index, ids, r.vector[None, :])
             flags = old[2:] if old else [False, False]
-            self.meta[r.id] = [r.uri, r.sha256, *flags]
+            self.meta[r.id] = [r.uri, r.sha256, *flags, r.phash]
         elif r.op == "delete":
             if r.id in self.meta:
                 self.index.remove_ids(ids)
@@ -204,11 +205,14 @@ class LiveShard:
         """Metadata of an id in this shard, or None."""
         self.sync()
         m = self.meta.get(int(id_))
-        return None if m is None else {"id": int(id_), "uri": m[0], "sha256": m[1], "private": m[2], "unsafe": m[3]}
+        if m is None:
+            return None
+        return {"id": int(id_), "uri": m[0], "sha256": m[1], "private": m[2], "unsafe": m[3],
+                "perceptual_hash": None if m[4] is None else hash_hex(m[4])}
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int, with_vectors: bool = False) -> dict:
-        """(D, I) with flagged ids filtered inside the search, uri/sha256 of the hits and, with
-        `with_vectors`, their stored vectors as one (len(vector_ids), d) array."""
+    def search(self, queries: np.ndarray, k: int, nprobe: int) -> dict:
+        """(D, I) with flagged ids filtered inside the search, and (uri, sha256, perceptual hash)
+        of the hits: what the ranking policy needs to collapse copies."""
         self.sync()
         with self._mutex:
             if self._hidden_arr is None:
@@ -216,10 +220,9 @@ class LiveShard:
             D, I = search_shard(self.index, queries, k, nprobe, exclude=self._hidden_arr)
             found = np.unique(I)
             found = found[found >= 0]
-            hits = {i: tuple(self.meta.get(i, ("", ""))[:2]) for i in found.tolist()}
-            # One batched reconstruction of this shard's hits, only when the policy asks for vectors.
-            vectors = self.index.reconstruct_batch(found) if with_vectors and len(found) else None
-        return {"D": D, "I": I, "meta": hits, "vector_ids": found, "vectors": vectors}
+            none = ("", "", False, False, None)
+            hits = {i: (m[0], m[1], m[4]) for i, m in ((i, self.meta.get(i, none)) for i in found.tolist())}
+        return {"D": D, "I": I, "meta": hits}
 
     @property
     def ntotal(self) -> int:

@@ -1,6 +1,10 @@
 """Business policy applied after the exact merge: which hits a user may see, in which order.
 
 Visibility flags are enforced earlier, inside the shard search; this stage removes duplicates.
+A duplicate is a copy of a better hit: the same bytes (sha256), or a perceptual hash within
+`copy_bits` of it (resized, recompressed, lightly cropped). Model similarity never decides it: a
+trained head may put a whole category above any cosine threshold, and those are the results the
+user asked for (embedding/copies.py).
 """
 from __future__ import annotations
 
@@ -8,40 +12,35 @@ from typing import Optional
 
 import numpy as np
 
+from embedding.copies import hash_distance
+
 
 def rank_results(
-    scores: np.ndarray, ids: np.ndarray, k: int, meta: dict, *,
-    vectors: Optional[dict] = None, near_duplicate_cosine: Optional[float] = None,
+    scores: np.ndarray, ids: np.ndarray, k: int, meta: dict, *, copy_bits: Optional[int] = None,
     exclude_sha256: Optional[str] = None, dedupe: bool = True,
 ) -> list[list[dict]]:
     """Turn merged (n, k') hits into at most k result dicts per query, keeping merge order.
 
-    Drops padding (-1), hits with the query's own bytes (`exclude_sha256`), hits whose sha256
-    repeats a better hit, and, with `vectors`, hits whose cosine to a kept hit reaches
-    `near_duplicate_cosine` (keep the best). `dedupe=False` keeps duplicates: the exact merge order."""
-    near = dedupe and bool(vectors) and near_duplicate_cosine is not None
+    `meta` maps id -> (uri, sha256, perceptual hash or None). Drops padding (-1), hits with the
+    query's own bytes (`exclude_sha256`), hits whose sha256 repeats a better hit, and, with
+    `copy_bits`, hits whose hash differs from a kept hit's in at most that many bits (keep the best).
+    `dedupe=False` keeps duplicates: the exact merge order."""
+    near = dedupe and copy_bits is not None
     out = []
     for row_s, row_i in zip(scores.tolist(), ids.tolist()):
-        cand = [(s, i) for s, i in zip(row_s, row_i) if i >= 0]
-        if near:
-            # One Gram matrix per query instead of a Python loop over pairs of candidates.
-            have = [i in vectors for _, i in cand]
-            v = np.stack([vectors[i] for (_, i), h in zip(cand, have) if h]) if any(have) else np.zeros((0, 1), np.float32)
-            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-            close = (v @ v.T) >= near_duplicate_cosine
-            row_of = np.cumsum(have) - 1
         seen: set[str] = set()
-        kept_rows: list[int] = []
+        kept_hashes: list[int] = []
         results = []
-        for pos, (s, i) in enumerate(cand):
-            uri, sha = meta.get(i, ("", ""))
+        for s, i in zip(row_s, row_i):
+            if i < 0:
+                continue
+            uri, sha, phash = meta.get(i, ("", "", None))
             if sha and (sha == exclude_sha256 or (dedupe and sha in seen)):
                 continue
-            if near and have[pos]:
-                r = int(row_of[pos])
-                if kept_rows and close[r, kept_rows].any():
+            if near and phash is not None:
+                if kept_hashes and int(hash_distance(phash, kept_hashes).min()) <= copy_bits:
                     continue
-                kept_rows.append(r)
+                kept_hashes.append(phash)
             if sha:
                 seen.add(sha)
             results.append({"id": int(i), "score": float(s), "uri": uri})

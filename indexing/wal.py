@@ -33,11 +33,14 @@ class Record:
     sha256: str = ""
     private: Optional[bool] = None
     unsafe: Optional[bool] = None
+    phash: Optional[int] = None      # perceptual hash of an upserted image (embedding/copies.py)
 
     def encode(self) -> bytes:
         head = {"op": self.op, "id": int(self.id)}
         if self.op == "upsert":
             head.update(uri=self.uri, sha256=self.sha256, dim=int(len(self.vector)))
+            if self.phash is not None:
+                head["phash"] = int(self.phash)
         if self.op == "flags":
             head.update(private=self.private, unsafe=self.unsafe)
         payload = json.dumps(head).encode() + b"\n"
@@ -53,7 +56,7 @@ class Record:
         if head["op"] == "upsert":
             vec = np.frombuffer(payload[nl + 1 :], dtype=np.float32, count=head["dim"]).copy()
         return cls(head["op"], head["id"], vec, head.get("uri", ""), head.get("sha256", ""),
-                   head.get("private"), head.get("unsafe"))
+                   head.get("private"), head.get("unsafe"), head.get("phash"))
 
 
 @contextmanager

@@ -14,11 +14,12 @@ from configs.schema import load_config
 def test_log_round_trip_and_torn_frames(tmp_path, rng):
     log = str(tmp_path / "x.wal")
     v = rng.normal(size=8).astype(np.float32)
-    append(log, [Record("upsert", 5, v, uri="u", sha256="h"), Record("flags", 5, private=True)])
+    append(log, [Record("upsert", 5, v, uri="u", sha256="h", phash=-2**63), Record("flags", 5, private=True)])
     with open(log, "ab") as f:  # a crash mid-append: half a frame
         f.write(Record("delete", 5).encode()[:9])
     recs, off = read_from(log, 0)
     assert [r.op for r in recs] == ["upsert", "flags"] and np.array_equal(recs[0].vector, v)
+    assert recs[0].phash == -2**63 and recs[1].phash is None
     append(log, [Record("delete", 7)])  # a later acknowledged write is not hidden by the torn frame
     more, _ = read_from(log, off)
     assert [(r.op, r.id) for r in more] == [("delete", 7)]
@@ -45,13 +46,17 @@ def test_writes_reach_every_replica_and_survive_restart(index, rng):
 
     new_id = next(i for i in range(10**6, 10**6 + 100) if shard_of([i], m.slot_table)[0] == 0)
     v = unit(rng)
-    assert a.write(Record("upsert", new_id, v, uri="mem://new", sha256="abc")) is False
-    assert b.search(v[None], 1, 8)["I"][0, 0] == new_id  # the other replica sees it at its next search
+    assert a.write(Record("upsert", new_id, v, uri="mem://new", sha256="abc", phash=-1)) is False
+    hit = b.search(v[None], 1, 8)  # the other replica sees it at its next search, hash included
+    assert hit["I"][0, 0] == new_id and hit["meta"][new_id] == ("mem://new", "abc", -1)
     old = next(iter(a.meta))
     assert a.write(Record("delete", old)) is True
     assert old not in b.search(x[old // 10][None], 5, 8)["I"]
     c = LiveShard(d, m, 0)  # a restarted replica: snapshot + log
     assert c.get(new_id)["uri"] == "mem://new" and c.get(old) is None and c.ntotal == a.ntotal
+    a.compact()  # the hash survives a snapshot
+    assert LiveShard(d, m, 0).get(new_id)["perceptual_hash"] == "ffffffffffffffff"
+    assert c.get(next(iter(c.meta)))["perceptual_hash"] is None  # built from vectors: no pixels, no hash
 
 
 def test_flags_filter_inside_search_and_compaction_keeps_state(index, rng):

@@ -29,10 +29,10 @@ def in_process_router(index_dir: str, timeout_s: float = 5.0, calls: list | None
     shards = [LiveShard(index_dir, m, i) for i in range(m.num_shards)]
 
     def search_fn(shard):
-        async def search(q, k, nprobe, with_vectors):
+        async def search(q, k, nprobe):
             if calls is not None:
                 calls.append(len(q))
-            return await asyncio.to_thread(shard.search, q, k, nprobe or m.nprobe, with_vectors)
+            return await asyncio.to_thread(shard.search, q, k, nprobe or m.nprobe)
         return search
 
     return Router([search_fn(s) for s in shards], m.slot_table, m.metric, timeout_s)
@@ -48,7 +48,7 @@ def test_batch_of_mixed_requests_equals_sharded_index(built):
     for i in range(64):
         n = int(rng.integers(1, 4))
         q = x[rng.integers(0, len(x), n)] + rng.normal(scale=0.05, size=(n, 32)).astype(np.float32)
-        queries.append(Query(q, int(rng.choice([1, 5, 10, 16, 50])), int(rng.choice([1, 4, 32])), False, router))
+        queries.append(Query(q, int(rng.choice([1, 5, 10, 16, 50])), int(rng.choice([1, 4, 32])), router))
     out = asyncio.run(run_batch(queries))
     for q, hits in zip(queries, out):
         D, I = ix.search(q.vectors, q.fetch, nprobe=q.nprobe)
@@ -62,9 +62,9 @@ def test_batch_of_mixed_requests_equals_sharded_index(built):
 def test_bad_request_does_not_fail_its_batch(built):
     index_dir, x = built
     router = in_process_router(index_dir)
-    good = Query(x[:2], 5, 8, False, router)
-    bad = Query(np.ones((1, 7), np.float32), 5, 8, False, router)  # wrong dimension
-    out = asyncio.run(run_batch([good, bad, Query(x[2:3], 5, 8, False, router)]))
+    good = Query(x[:2], 5, 8, router)
+    bad = Query(np.ones((1, 7), np.float32), 5, 8, router)  # wrong dimension
+    out = asyncio.run(run_batch([good, bad, Query(x[2:3], 5, 8, router)]))
     assert isinstance(out[1], Exception)
     assert isinstance(out[0], Hits) and out[0].ids.shape == (2, 5) and out[0].ids[0, 0] == 1
     assert isinstance(out[2], Hits) and out[2].ids[0, 0] == 2 * 7 + 1
@@ -78,20 +78,30 @@ def test_slow_shard_is_left_out_and_none_means_unavailable(built):
         await asyncio.sleep(30)
 
     router.shards[1] = stuck
-    hits = asyncio.run(router.search(x[:3], 10, 8, False))
+    hits = asyncio.run(router.search(x[:3], 10, 8))
     assert hits.partial and (hits.ids >= 0).all()
     router.shards = [stuck, stuck]
-    with pytest.raises(ShardsUnavailable):
-        asyncio.run(router.search(x[:3], 10, 8, False))
+    with pytest.raises(ShardsUnavailable, match="within 0.5 s"):
+        asyncio.run(router.search(x[:3], 10, 8))
+
+    async def broken(*args):
+        raise TypeError("bad arguments")
+
+    router.shards = [broken, stuck]  # a failure that is not slowness says what it was
+    with pytest.raises(ShardsUnavailable, match="TimeoutError, TypeError"):
+        asyncio.run(router.search(x[:3], 10, 8))
 
 
-def test_rank_collapses_copies_with_vectors_and_keeps_order():
-    v = np.eye(4, dtype=np.float32)
-    near = (v[0] + 0.01 * v[1]) / np.linalg.norm(v[0] + 0.01 * v[1])
-    vectors = {1: v[0], 2: near, 3: v[2], 4: v[3]}
-    meta = {1: ("a", "s1"), 2: ("b", "s2"), 3: ("c", "s1"), 4: ("d", "s4")}
-    hits = Hits(np.array([[0.9, 0.8, 0.7, 0.6, 0.0]], np.float32), np.array([[1, 2, 3, 4, -1]]), meta, vectors, False)
-    got = rank(hits, 3, near_duplicate_cosine=0.97)
-    assert [r["id"] for r in got[0]] == [1, 4]  # 2 is a near copy of 1, 3 has 1's bytes
-    assert [r["id"] for r in rank(hits, 3, near_duplicate_cosine=0.97, dedupe=False)[0]] == [1, 2, 3]
-    assert [r["id"] for r in rank(hits, 3, near_duplicate_cosine=0.97, exclude_sha256="s1")[0]] == [2, 4]
+def test_rank_collapses_copies_by_hash_and_keeps_order():
+    h = -0x0F0F_0F0F_0F0F_0F0F  # negative: the int64 a hash with its top bit set is stored as
+    meta = {1: ("a", "s1", h), 2: ("b", "s2", h ^ 0b111), 3: ("c", "s1", None), 4: ("d", "s4", h ^ 0xFFFF),
+            5: ("e", "s5", None), 6: ("f", "s6", h ^ -(1 << 63) ^ 0xFF)}
+    hits = Hits(np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0]], np.float32), np.array([[1, 2, 3, 4, 5, 6, -1]]),
+                meta, False)
+    # 2 is 3 bits from 1: a copy; 3 has 1's bytes; 4 is 16 bits away: another picture; 5 has no hash;
+    # 6 is 9 bits away, one of them the sign bit.
+    assert [r["id"] for r in rank(hits, 6, copy_bits=12)[0]] == [1, 4, 5]
+    assert [r["id"] for r in rank(hits, 6, copy_bits=2)[0]] == [1, 2, 4, 5, 6]
+    assert [r["id"] for r in rank(hits, 6, copy_bits=None)[0]] == [1, 2, 4, 5, 6]  # identical bytes only
+    assert [r["id"] for r in rank(hits, 3, copy_bits=12, dedupe=False)[0]] == [1, 2, 3]
+    assert [r["id"] for r in rank(hits, 3, copy_bits=12, exclude_sha256="s1")[0]] == [2, 4, 5]

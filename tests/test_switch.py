@@ -32,7 +32,7 @@ def sw_service(ray_session, service, tmp_path_factory):
     apps = load_serve_config(str(DEFAULT_SERVE_CONFIG), index_dir, None, None)["applications"]
     front, index = apps
     front.update(name="sw", route_prefix="/sw")
-    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN], "near_duplicate_cosine": None}}
+    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN], "near_duplicate_bits": None}}
     index.update(name="sw-index")
     index["args"]["overrides"] = {"serve": {"shard_num_cpus": 0.05}}
     for d in front["deployments"]:
