@@ -85,6 +85,25 @@ def _cmd_edits(args) -> int:
     return 0
 
 
+def _cmd_copies(args) -> int:
+    from evaluation.edits import copy_hash_report
+    from evaluation.run import _read_csv, read_images
+
+    root = args.root or os.path.dirname(os.path.abspath(args.labels))
+    paths = [r[0] for r in _read_csv(args.labels)][:: args.every]
+    cfg = load_config(args.config)
+    bits = cfg.serve.near_duplicate_bits if args.bits is None else args.bits
+    if bits is None:
+        raise ValueError("serve.near_duplicate_bits is null (identical bytes only): give --bits to calibrate")
+    rows = copy_hash_report(read_images(root, paths), cfg.model.image_size, bits, cfg.decode)
+    print(f"perceptual-hash bits (of 64) over {len(paths)} images, image_size {cfg.model.image_size}:")
+    print("| " + " | ".join(rows[0]) + " |")
+    print("|" + "---|" * len(rows[0]))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -123,8 +142,16 @@ def main(argv=None) -> int:
                    help="the heavy edit set of the training report (crop to 50%% area, 15 deg, hue+saturation, q20)")
     e.add_argument("--config", help="YAML config (model settings)")
     e.set_defaults(fn=_cmd_edits)
+    c = sub.add_parser("copies", help="perceptual-hash bits of edited copies vs distinct images (collapse threshold)")
+    c.add_argument("--labels", required=True, help="CSV whose first column lists the images")
+    c.add_argument("--root", help="folder the CSV paths are relative to (default: the CSV's folder)")
+    c.add_argument("--every", type=int, default=1, help="use every n-th image")
+    c.add_argument("--bits", type=int, help="threshold to report the share within (default: serve.near_duplicate_bits)")
+    c.add_argument("--config", help="YAML config (model.image_size, serve.near_duplicate_bits)")
+    c.set_defaults(fn=_cmd_copies)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per query sent to --url
     try:
         return args.fn(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:

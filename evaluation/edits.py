@@ -1,6 +1,7 @@
 """Upload-like edits of an image, for near-duplicate robustness checks."""
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 
@@ -47,3 +48,40 @@ def near_duplicate_recall(embedder, originals: list[bytes], **edit) -> float:
     x = embedder.embed_bytes(originals)
     q = embedder.embed_bytes([edited_copy(d, **edit) for d in originals])
     return float((np.argmax(q @ x.T, axis=1) == np.arange(len(originals))).mean())
+
+
+# Edits a copy-collapse should catch, mildest first, and one it should not have to.
+COPY_EDITS = {
+    "resize 50%, JPEG q50": {"scale": 0.5, "quality": 50},
+    "crop 2%/side, 50%, q40": {"crop": 0.02, "scale": 0.5, "quality": 40},
+    "crop 5%/side, 60%, q60": {"crop": 0.05, "scale": 0.6, "quality": 60},
+    "crop 10%/side, 60%, q60": {"crop": 0.10, "scale": 0.6, "quality": 60},
+}
+
+
+def copy_hash_report(originals: list[bytes], image_size: int, threshold: int, decode) -> list[dict]:
+    """Perceptual-hash bits between each image and its edited copies (COPY_EDITS), and between each
+    image and its nearest other image (byte-identical pairs left out): the calibration of
+    `serve.near_duplicate_bits`. One row per case with percentiles and the share within `threshold`."""
+    from embedding.copies import hash_distance, perceptual_hash
+    from embedding.decode import decode_image, resize_rgb
+
+    def hashes(blobs: list[bytes]) -> np.ndarray:
+        return np.array([perceptual_hash(resize_rgb(decode_image(b, max_bytes=decode.max_bytes,
+                                                                 max_pixels=decode.max_pixels), image_size))
+                         for b in blobs], np.int64)
+
+    def row(case: str, d: np.ndarray) -> dict:
+        p = np.percentile(d, [1, 5, 50, 95, 99])
+        return {"case": case, "n": len(d), "min": int(d.min()), "p1": p[0], "p5": p[1], "median": p[2], "p95": p[3],
+                "p99": p[4], "max": int(d.max()), f"share<={threshold}": float((d <= threshold).mean())}
+
+    h = hashes(originals)
+    rows = [row(name, hash_distance(hashes([edited_copy(b, **e) for b in originals]), h))
+            for name, e in COPY_EDITS.items()]
+    d = hash_distance(h[:, None], h[None, :])
+    d[np.eye(len(h), dtype=bool)] = 99
+    same = np.array([hashlib.sha256(b).digest() for b in originals])
+    d[same[:, None] == same[None, :]] = 99  # identical files are copies, not distinct images
+    rows.append(row("nearest distinct image", d.min(axis=1)))
+    return rows

@@ -168,7 +168,7 @@ class LiveShard:
             if old is not None:
                 self.index.remove_ids(ids)
             add_to_shard(self.index, ids, r.vector[None, :])
-            flags = old[2:] if old else [False, False]
+            flags = old[2:4] if old else [False, False]
             self.meta[r.id] = [r.uri, r.sha256, *flags, r.phash]
         elif r.op == "delete":
             if r.id in self.meta:

@@ -136,3 +136,20 @@ def test_exact_and_edited_copies_collapse_into_one_result(trained, trained_servi
         finally:
             for id_ in copies:
                 c.delete(f"/images/{id_}", headers=auth)
+
+
+def test_hash_threshold_separates_copies_from_distinct_photos(corpus_dir, capsys):
+    from configs.schema import DecodeConfig
+    from evaluation.edits import copy_hash_report
+
+    root, _ = corpus_dir
+    photos = [p.read_bytes() for p in sorted(root.rglob("*.jpg")) if p.parent.name != "broken"]
+    rows = {r["case"]: r for r in copy_hash_report(photos, 224, 12, DecodeConfig())}
+    assert rows["resize 50%, JPEG q50"]["share<=12"] >= 0.95
+    assert rows["crop 2%/side, 50%, q40"]["share<=12"] >= 0.95
+    assert rows["crop 10%/side, 60%, q60"]["share<=12"] < 0.5  # a large crop is another picture to the hash
+    assert rows["nearest distinct image"]["share<=12"] <= 0.1
+    labels = root.parent / "copies-labels.csv"
+    labels.write_text("path\n" + "".join(f"{p.relative_to(root)}\n" for p in sorted(root.rglob("*/full.jpg"))))
+    assert evaluation_main(["copies", "--labels", str(labels), "--root", str(root)]) == 0
+    assert "| nearest distinct image |" in capsys.readouterr().out

@@ -56,6 +56,8 @@ def test_writes_reach_every_replica_and_survive_restart(index, rng):
     assert c.get(new_id)["uri"] == "mem://new" and c.get(old) is None and c.ntotal == a.ntotal
     a.compact()  # the hash survives a snapshot
     assert LiveShard(d, m, 0).get(new_id)["perceptual_hash"] == "ffffffffffffffff"
+    a.write(Record("upsert", new_id, v, uri="mem://new", sha256="abd", phash=5))  # replaced: the new hash
+    assert b.get(new_id)["perceptual_hash"] == "0000000000000005" and len(b.meta[new_id]) == 5
     assert c.get(next(iter(c.meta)))["perceptual_hash"] is None  # built from vectors: no pixels, no hash
 
 
