@@ -24,7 +24,8 @@ def queries(index_dir: str, n: int) -> tuple[np.ndarray, list[bytes]]:
     ix = ShardedIndex.open(index_dir)
     x = arrow_to_vectors(read_embeddings(storage.join(index_dir, ix.manifest.embeddings)).column("embedding"))[:n]
     uris = pq.read_table(storage.join(index_dir, ix.manifest.catalog)).column("uri").to_pylist()
-    return x, [storage.read_bytes(u) for u in uris[:n] if u]
+    # Only files under the folders the build read: a catalog uri is never opened anywhere else.
+    return x, [storage.read_bytes(u) for u in uris[:n] if u and storage.is_under(u, ix.manifest.sources)]
 
 
 def rising(name: str, call: Callable[[int], bool], requests: int, max_level: int, levels=LEVELS) -> list[dict]:

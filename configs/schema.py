@@ -103,6 +103,8 @@ class ServeConfig(_Strict):
     shard_max_queued: PositiveInt = Field(64, description="calls waiting for a shard beyond that; more are refused (overloaded)")
     max_batch_size: PositiveInt = Field(16, description="embedder @serve.batch size")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="embedder @serve.batch wait for a fuller batch")
+    max_concurrent_decodes: PositiveInt = Field(
+        4, description="uploads one embedder replica decodes at once; bounds its memory to about this x decode.max_pixels x 6 bytes")
     embedder_threads: Optional[PositiveInt] = Field(
         None, description="torch CPU threads per embedder replica; None: every CPU of the host when it has no GPU")
     search_batch_size: PositiveInt = Field(32, description="requests the Ingress sends to the shards as one matrix (@serve.batch)")
@@ -119,6 +121,10 @@ class ServeConfig(_Strict):
     near_duplicate_bits: Optional[int] = Field(
         12, ge=0, le=64, description="collapse a result whose 64-bit perceptual hash differs from a better result's in "
         "at most this many bits (resized, recompressed, lightly cropped copies); null: only identical bytes collapse")
+    uri_schemes: list[str] = Field(
+        ["s3", "gs", "az", "https"], description="URI schemes a PUT's ?uri= may use anywhere (file: only under the roots)")
+    uri_roots: list[str] = Field(
+        default_factory=list, description="folders or URI prefixes an absolute ?uri= may name, besides the ones the build read")
     exclude_query_image: bool = Field(False, description="default of ?exclude_self: drop results with the query's bytes")
     write_tokens: list[str] = Field(default_factory=list, description="bearer tokens allowed to write (also env IMSEARCH_WRITE_TOKENS); none: writes refused")
     read_tokens: list[str] = Field(default_factory=list, description="when set (or env IMSEARCH_READ_TOKENS), reads need one of these or a write token")

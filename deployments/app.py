@@ -50,7 +50,7 @@ def build_index(args: dict) -> serve.Application:
         for i, name in enumerate(names)
     ]
     info = {"version": m.version, "dim": m.dim, "metric": m.metric, "factory": m.factory, "nprobe": m.nprobe,
-            "index_dir": index_dir, "slot_table": m.slot_table, "shards": names}
+            "index_dir": index_dir, "slot_table": m.slot_table, "shards": names, "sources": m.sources}
     return Index.bind(shards, info)
 
 
@@ -59,7 +59,7 @@ def build_app(args: dict) -> serve.Application:
     cfg, _, m = AppArgs.model_validate(args).load()
     model_cfg = m.model or cfg.model.model_dump()
     embedder = Embedder.bind(model_cfg, cfg.decode.model_dump(), cfg.serve.max_batch_size,
-                             cfg.serve.batch_wait_timeout_s, cfg.serve.embedder_threads)
+                             cfg.serve.batch_wait_timeout_s, cfg.serve.embedder_threads, cfg.serve.max_concurrent_decodes)
     return Ingress.bind(
         embedder, cfg.serve.model_dump(), cfg.decode.model_dump(),
         cfg.serve.write_tokens + _env_list("IMSEARCH_WRITE_TOKENS"), cfg.serve.read_tokens + _env_list("IMSEARCH_READ_TOKENS"),

@@ -18,12 +18,15 @@ class Embedder:
     """Holds one model; `embed_image` decodes one upload, batching happens across concurrent requests."""
 
     def __init__(self, model: dict, decode: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, max_concurrent_decodes: int = 4):
         import torch
 
         from embedding.embedder import Embedder as Model
 
         self.model = Model(ModelConfig(**model), DecodeConfig(**decode))
+        # Each decode may hold up to decode.max_pixels x 3 bytes (and a copy while converting):
+        # a bound on how many run at once is a bound on the replica's memory.
+        self.decodes = asyncio.Semaphore(max_concurrent_decodes)
         if self.model.device.type == "cpu":
             # Ray pins OMP_NUM_THREADS to the replica's fractional CPU reservation (1 thread); a CPU
             # embedder is the one stage that needs the whole host to keep up with the shards.
@@ -51,7 +54,8 @@ class Embedder:
         """{"vector": (D,) float32, "phash": int} or {"error": code, "message": text} for an
         undecodable upload. The hash is taken from the pixels the model sees, as a build does."""
         try:
-            pixels, phash = await asyncio.to_thread(self._prepare, data)
+            async with self.decodes:
+                pixels, phash = await asyncio.to_thread(self._prepare, data)
         except ImageDecodeError as e:
             return {"error": e.code, "message": str(e)}
         return {"vector": await self._embed_batch(pixels), "phash": phash}

@@ -4,6 +4,7 @@ Every rejection is an ApiError that becomes `{"error": {"code", "message"}}` wit
 """
 from __future__ import annotations
 
+import hmac
 from typing import Any, Optional
 
 import numpy as np
@@ -12,6 +13,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 BINARY_VECTORS = "application/octet-stream"
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields around the image
+# Largest magnitude of a query vector entry: far beyond any embedding, far below float32 overflow
+# of a score (dim x entry^2 stays finite).
+MAX_VECTOR_ENTRY = 1e15
 
 
 class JSONResponse(Response):
@@ -58,12 +63,15 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         data = await read_body(request, max_bytes)
     elif ctype == "multipart/form-data":
-        # Starlette spools large parts to disk; the limit is enforced on the declared length first.
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
-            raise ApiError(413, "body_too_large", f"body is {declared} bytes, over the limit of {max_bytes}")
+        # The body is counted as it streams in (with or without a Content-Length) and refused past
+        # the limit plus room for the multipart framing; only then does Starlette parse it.
+        body = await read_body(request, max_bytes + MULTIPART_OVERHEAD)
+
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
         try:
-            form = await request.form(max_files=1, max_fields=8)
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
         except Exception as e:  # malformed multipart
             raise ApiError(400, "invalid_multipart", f"cannot parse multipart body: {e}") from None
         part = form.get("image")
@@ -83,32 +91,37 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
     return data
 
 
+def _integer(raw, lo: int, hi: int, name: str) -> int:
+    """An integer in lo..hi from a JSON integer or a query-string of digits, else 422: no floats,
+    booleans, exponents or signs, so 2.5, true, 1e3 and 10**30 are all refused the same way."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        v = raw
+    elif isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 19:
+        v = int(raw)
+    else:
+        v = None
+    if v is None or not lo <= v <= hi:
+        shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:40] + "..."
+        raise ApiError(422, f"invalid_{name}", f"{name} must be an integer in {lo}..{hi}, got {shown}")
+    return v
+
+
 def parse_k(raw, default: int, max_k: int) -> int:
     """k from a query string or JSON value; 422 unless an integer in 1..max_k."""
-    if raw is None:
-        return default
-    if isinstance(raw, bool):
-        raise ApiError(422, "invalid_k", f"k must be an integer in 1..{max_k}, got {raw!r}")
-    try:
-        k = int(raw) if not isinstance(raw, float) or raw.is_integer() else None
-    except (TypeError, ValueError):
-        k = None
-    if k is None or not 1 <= k <= max_k:
-        raise ApiError(422, "invalid_k", f"k must be an integer in 1..{max_k}, got {raw!r}")
-    return k
+    return default if raw is None else _integer(raw, 1, max_k, "k")
 
 
 def parse_nprobe(raw, max_nprobe: int) -> Optional[int]:
     """Optional per-request nprobe; 422 unless an integer in 1..max_nprobe."""
-    if raw is None:
-        return None
-    try:
-        n = int(raw) if not isinstance(raw, bool) else 0
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1 or n > max_nprobe:
-        raise ApiError(422, "invalid_nprobe", f"nprobe must be an integer in 1..{max_nprobe}, got {raw!r}")
-    return n
+    return None if raw is None else _integer(raw, 1, max_nprobe, "nprobe")
+
+
+def vector_body_limit(content_type: str, dim: int, max_vectors: int) -> int:
+    """Largest body a vector search can need: the binary size, or about 32 characters per number
+    of JSON. A body past it is refused before any parsing."""
+    if content_type.split(";")[0].strip().lower() == BINARY_VECTORS:
+        return 4 * dim * max_vectors
+    return 32 * dim * max_vectors + 4096
 
 
 def parse_vector_request(body: bytes, content_type: str, dim: int, max_vectors: int) -> tuple[np.ndarray, bool, dict]:
@@ -126,10 +139,7 @@ def parse_vector_request(body: bytes, content_type: str, dim: int, max_vectors: 
         x = np.frombuffer(body, dtype="<f4").reshape(-1, dim).astype(np.float32)
         batched, obj = True, {}
     else:
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError as e:
-            raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+        obj = parse_json(body)
         if not isinstance(obj, dict) or ("vector" in obj) == ("vectors" in obj):
             raise ApiError(422, "invalid_request", "JSON must be an object with exactly one of 'vector' or 'vectors'")
         batched = "vectors" in obj
@@ -143,24 +153,77 @@ def parse_vector_request(body: bytes, content_type: str, dim: int, max_vectors: 
             raise ApiError(422, "wrong_dimension", f"vectors must have dimension {dim}, got {bad[0]}")
         try:
             raw = np.asarray(rows)  # one C pass; strings, nulls or nested lists give a non-numeric dtype
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raw = np.zeros(0, dtype=object)
         if raw.dtype.kind not in "iuf":
             raise ApiError(422, "invalid_vector", "vector entries must be numbers")
         x = raw.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise ApiError(422, "invalid_vector", "vector entries must be finite")
+    if not (np.abs(x) <= MAX_VECTOR_ENTRY).all():  # also false for inf and NaN
+        raise ApiError(422, "invalid_vector", f"vector entries must be finite, of magnitude at most {MAX_VECTOR_ENTRY:g}")
     return x, batched, obj
+
+
+def parse_json(body: bytes) -> Any:
+    """orjson.loads with every failure (syntax, nesting past its depth limit, numbers past a
+    double) as a 400."""
+    try:
+        return orjson.loads(body)
+    except (orjson.JSONDecodeError, RecursionError) as e:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+
+
+def bearer_token(request: Request) -> Optional[str]:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def token_in(token: Optional[str], allowed: frozenset[str]) -> bool:
+    """Whether the token is one of `allowed`, comparing every candidate in constant time so the
+    answer's timing says nothing about how much of a token was right."""
+    if not token:
+        return False
+    given = token.encode()
+    return any([hmac.compare_digest(given, a.encode()) for a in allowed])
 
 
 def check_token(request: Request, allowed: frozenset[str], *, what: str) -> None:
     """401 without `Authorization: Bearer <token>`, 403 with a token not in `allowed`."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request)
+    if token is None:
         raise ApiError(401, "unauthorized", f"{what} need an 'Authorization: Bearer <token>' header")
-    if token.strip() not in allowed:
+    if not token_in(token, allowed):
         raise ApiError(403, "forbidden", f"this token may not perform {what}")
+
+
+MAX_URI = 2048
+
+
+def parse_uri(raw: Optional[str], schemes: list[str], roots: list[str]) -> str:
+    """A writer's `?uri=`, 422 unless it is empty, a relative path without `..`, a URI with an
+    allowed scheme, or an absolute path (or `file:` URI) under one of `roots`: what a page or a
+    job may later open or link must not point anywhere a writer likes."""
+    from indexing.storage import is_under
+
+    if not raw:
+        return ""
+    if len(raw) > MAX_URI or any(ord(c) < 32 or ord(c) == 127 for c in raw):
+        raise ApiError(422, "invalid_uri", f"uri must be at most {MAX_URI} printable characters")
+    head, colon, _ = raw.partition(":")
+    scheme = head.lower() if colon and head[:1].isalpha() and all(c.isalnum() or c in "+.-" for c in head) else ""
+    if scheme and scheme != "file":
+        if scheme in schemes and raw[len(scheme) + 1 :].startswith("//"):
+            return raw
+        raise ApiError(422, "invalid_uri", f"uri scheme {scheme!r} is not accepted: use one of {schemes}, "
+                       "a relative path, or a path under the index's image folders")
+    if scheme or raw.startswith("/"):
+        if is_under(raw, roots):
+            return raw
+        raise ApiError(422, "invalid_uri", "an absolute uri must lie under the folders the index was built from "
+                       "or serve.uri_roots")
+    if ".." in raw.replace("\\", "/").split("/"):
+        raise ApiError(422, "invalid_uri", "a relative uri may not contain '..'")
+    return raw
 
 
 def parse_image_id(raw: str) -> int:
@@ -176,10 +239,7 @@ def parse_image_id(raw: str) -> int:
 
 def parse_flags(body: bytes) -> dict:
     """{"private": bool, "unsafe": bool}, at least one of them, else 400/422."""
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+    obj = parse_json(body)
     if not isinstance(obj, dict) or not obj or set(obj) - {"private", "unsafe"}:
         raise ApiError(422, "invalid_flags", "body must be a JSON object with 'private' and/or 'unsafe'")
     if not all(isinstance(v, bool) for v in obj.values()):

@@ -25,10 +25,12 @@ from starlette.routing import Match, Route
 
 from configs.schema import DecodeConfig, ServeConfig
 from deployments.http import (
-    ApiError, JSONResponse, check_token, parse_bool, parse_flags, parse_image_id, parse_k, parse_nprobe,
-    parse_vector_request, read_body, read_image,
+    ApiError, JSONResponse, bearer_token, check_token, parse_bool, parse_flags, parse_image_id, parse_k, parse_nprobe,
+    parse_uri, parse_vector_request, read_body, read_image, token_in, vector_body_limit,
 )
+from deployments import openapi
 from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, rank, run_batch, within
+from indexing.live import SealedError
 
 LOG = logging.getLogger("ray.serve")
 # Routes that stay open when the Ingress is at its in-flight limit: operators need them most then.
@@ -91,6 +93,7 @@ class Ingress:
             Route("/embed", self.embed, methods=["POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/stats", self.stats, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
         ]
 
     def reconfigure(self, config: dict) -> None:
@@ -154,6 +157,9 @@ class Ingress:
     def _authorize_read(self, request: Request) -> None:
         if self.read_tokens is not None:
             check_token(request, self.read_tokens, what="searches")
+
+    def _is_writer(self, request: Request) -> bool:
+        return token_in(bearer_token(request), self.write_tokens)
 
     def _authorize_write(self, request: Request) -> None:
         if not self.write_tokens:
@@ -223,10 +229,12 @@ class Ingress:
     async def search_vector(self, request: Request) -> Response:
         t0 = time.perf_counter()
         self._authorize_read(request)
-        body = await read_body(request, self.decode.max_bytes)
         dim = (await self._index()).info["dim"]
-        x, batched, obj = parse_vector_request(body, request.headers.get("content-type", ""), dim,
-                                               self.cfg.max_vectors_per_request)
+        ctype = request.headers.get("content-type", "")
+        body = await read_body(request, vector_body_limit(ctype, dim, self.cfg.max_vectors_per_request))
+        parse = (parse_vector_request, body, ctype, dim, self.cfg.max_vectors_per_request)
+        # A large body parses in a thread: the event loop keeps serving the other requests meanwhile.
+        x, batched, obj = await asyncio.to_thread(*parse) if len(body) > 65536 else parse[0](*parse[1:])
         q = request.query_params
         k = parse_k(obj.get("k", q.get("k")), self.cfg.default_k, self.cfg.max_k)
         nprobe = self._nprobe(obj.get("nprobe", q.get("nprobe")))
@@ -251,8 +259,12 @@ class Ingress:
                                f"the write to image {id_} was not acknowledged within {self.cfg.write_timeout_s} s "
                                "and may still be applied: read it back with GET, or repeat it (writes are idempotent)",
                                headers={"Retry-After": "5"})
-            return await _bounded(shard.write.remote(op, id_, *args), self.cfg.write_timeout_s, unknown,
-                                  keep_running=True)
+            try:
+                return await _bounded(shard.write.remote(op, id_, *args), self.cfg.write_timeout_s, unknown,
+                                      keep_running=True)
+            except SealedError:  # this replica has not yet heard of a version switch: the shard fenced it
+                raise ApiError(503, "writes_paused", "the index switched versions; retry in a few seconds",
+                               headers={"Retry-After": "2"}) from None
         finally:
             self.writes_in_flight -= 1
 
@@ -264,13 +276,16 @@ class Ingress:
             meta = await _bounded((await self._index()).shard(id_).get.remote(id_), self.cfg.shard_timeout_s,
                                   ApiError(503, "shards_unavailable", f"the shard holding image {id_} did not answer",
                                            headers={"Retry-After": "2"}))
-            if meta is None:
+            # Private and unsafe images do not exist for readers: ids are guessable from paths.
+            if meta is None or ((meta["private"] or meta["unsafe"]) and not self._is_writer(request)):
                 raise ApiError(404, "not_found", f"no image {id_}")
             return JSONResponse(meta)
         self._authorize_write(request)
         if request.method == "PUT":
+            info = (await self._index()).info
+            uri = parse_uri(request.query_params.get("uri"), self.cfg.uri_schemes,
+                            self.cfg.uri_roots + info.get("sources", []))
             vector, data, phash = await self._embed_upload(request)
-            uri = request.query_params.get("uri", "")
             existed = await self._write("upsert", id_, vector, uri, hashlib.sha256(data).hexdigest(), None, None, phash)
             return JSONResponse({"id": id_, "created": not existed}, status_code=200 if existed else 201)
         if request.method == "DELETE":
@@ -296,17 +311,26 @@ class Ingress:
 
         return list(await asyncio.gather(*[one(h) for h in version.shards]))
 
+    async def openapi(self, request: Request) -> Response:
+        """The API as OpenAPI 3 (deployments/openapi.py)."""
+        return JSONResponse(openapi.document())
+
     async def healthz(self, request: Request) -> Response:
         down = [i for i, s in enumerate(await self._shard_info()) if s is None]
         return JSONResponse({"status": "unavailable" if down else "ok", "shards_down": down},
                             status_code=503 if down else 200)
 
     async def stats(self, request: Request) -> Response:
+        """Counts for every reader; with read tokens set, where the index lives and how its logs and
+        memory stand only for operators (a write token)."""
+        self._authorize_read(request)
+        operator = self.read_tokens is None or self._is_writer(request)
         infos = await self._shard_info()
         total = sum(s["count"] for s in infos) if all(infos) else None
-        keys = ("count", "generation", "log_bytes", "rss_bytes", "load_rss_bytes")
+        keys = ("count", "generation", "log_bytes", "rss_bytes", "load_rss_bytes") if operator else ("count",)
         shards = [{"shard": i, "loaded": s is not None, **{k: (s or {}).get(k) for k in keys}} for i, s in enumerate(infos)]
-        info = {k: v for k, v in (await self._index()).info.items() if k not in ("slot_table", "shards")}
+        hidden = ("slot_table", "shards") if operator else ("slot_table", "shards", "index_dir")
+        info = {k: v for k, v in (await self._index()).info.items() if k not in hidden}
         return JSONResponse({**info, "index_app": self.routing.index_app, "writes_paused": self.routing.writes_paused,
                              "total": total, "shards": shards})
 

@@ -27,6 +27,7 @@ class Shard:
         self.shard = LiveShard(index_dir, Manifest.model_validate(manifest), shard_no)
         self.load_rss_bytes = rss_bytes() - rss  # what holding this shard costs the replica
         self.shard_no, self.nprobe, self.compact_after_bytes = shard_no, manifest["nprobe"], compact_after_bytes
+        self._compaction: Optional[asyncio.Task] = None
         LOG.info("shard %d loaded: %d vectors", shard_no, self.shard.ntotal)
 
     async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None) -> dict:
@@ -39,9 +40,19 @@ class Shard:
         """Log (fsync) and apply a write; True when the id existed. Compacts past the size limit."""
         rec = Record(op, id_, vector, uri, sha256, private, unsafe, phash)
         existed = await asyncio.to_thread(self.shard.write, rec)
-        if self.shard.log_bytes() > self.compact_after_bytes:
-            await asyncio.to_thread(self.shard.compact)
+        if self.shard.log_bytes() > self.compact_after_bytes and self._compaction is None:
+            # In the background, one at a time: the write is durable and answered already.
+            self._compaction = asyncio.create_task(self._compact())
         return existed
+
+    async def _compact(self) -> None:
+        try:
+            await asyncio.to_thread(self.shard.compact, self.compact_after_bytes)
+        except Exception:
+            LOG.exception("shard %d: compaction failed; the log keeps every write and it will be retried",
+                          self.shard_no)
+        finally:
+            self._compaction = None
 
     async def get(self, id_: int) -> Optional[dict]:
         return await asyncio.to_thread(self.shard.get, id_)

@@ -13,6 +13,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # PIL's own bomb guard is a process-wide global; we check sizes explicitly instead.
 Image.MAX_IMAGE_PIXELS = None
+# Formats an upload may be in. Containers such as ICNS or ICO can hold an inner image far larger
+# than their header says, so they are refused before any pixel is decoded. (JPEG includes MPO, the
+# multi-picture JPEG of cameras.)
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ImageDecodeError(ValueError):
@@ -41,20 +45,32 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            try:
+                img = Image.open(io.BytesIO(data), formats=FORMATS)
+            except UnidentifiedImageError:
+                raise ImageDecodeError(_refusal(data)) from None
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
             img.seek(0)
             img.load()
+            if img.width * img.height > max_pixels:  # a decoder that grew past its header
+                raise ImageTooLargeError(f"image decoded to {img.width}x{img.height} pixels, over the limit of {max_pixels}")
             img = ImageOps.exif_transpose(img) or img
             return to_rgb(img)
     except ImageDecodeError:
         raise
-    except UnidentifiedImageError as e:
-        raise ImageDecodeError("not a recognised image format") from e
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
+
+
+def _refusal(data: bytes) -> str:
+    """Why bytes were refused: a known format that is not accepted, or no image at all."""
+    try:
+        fmt = Image.open(io.BytesIO(data)).format  # reads the header only
+    except Exception:
+        return "not a recognised image format"
+    return f"format {fmt} is not accepted: send {', '.join(FORMATS)}"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

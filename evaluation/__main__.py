@@ -31,7 +31,7 @@ def _cmd_run(args) -> int:
     judged = category_judgements(args.labels, args.queries) if args.labels else pair_judgements(args.pairs, args.database)
     cfg = load_config(args.config)
     if args.url:
-        search = service_searcher(root, args.url)
+        search = service_searcher(root, args.url, args.token or os.environ.get("IMSEARCH_TOKEN"))
         where = {"url": args.url}
     else:
         import ray
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     r.add_argument("--k", type=int, default=10, help="cutoff of nDCG@k and P@k")
     r.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10])
     r.add_argument("--url", help="evaluate a running service instead of an in-process index")
+    r.add_argument("--token", help="bearer token for a service with read tokens (default: env IMSEARCH_TOKEN)")
     r.add_argument("--factory", help="index factory for the in-process index (default: the config's)")
     r.add_argument("--config", help="YAML config (model settings)")
     r.add_argument("--out", help="write the metrics as JSON here")

@@ -149,12 +149,14 @@ def in_process_searcher(
     return search, ix.manifest.factory
 
 
-def service_searcher(root: str, url: str) -> Searcher:
-    """Send each query image to a running service; results map back to paths through their uri."""
+def service_searcher(root: str, url: str, token: Optional[str] = None) -> Searcher:
+    """Send each query image to a running service (with a bearer token when it needs one); results
+    map back to paths through their uri."""
     import httpx
 
     root_abs = os.path.abspath(root)
-    client = httpx.Client(base_url=url.rstrip("/"), timeout=120)
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    client = httpx.Client(base_url=url.rstrip("/"), timeout=120, headers=headers)
 
     def rel(uri: str) -> str:
         return os.path.relpath(uri.split("://", 1)[-1], root_abs)

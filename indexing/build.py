@@ -247,7 +247,7 @@ def write_failed(index_dir: str, emb_uri: str) -> int:
 
 def finish_index(
     index_dir: str, cfg: AppConfig, version: int, emb_name: str, num_shards: int, slot_table: list[int],
-    factory_override: Optional[str], model: Optional[dict],
+    factory_override: Optional[str], model: Optional[dict], sources: Optional[list[str]] = None,
 ) -> Manifest:
     """Train the template on a sample, fill the shards and publish the manifest."""
     emb_uri = storage.join(index_dir, emb_name)
@@ -272,6 +272,7 @@ def finish_index(
         version=version, dim=dim, metric=cfg.index.metric, factory=factory, nprobe=cfg.index.nprobe,
         total=sum(e.count for e in entries), template=template_name, num_slots=len(slot_table),
         slot_table=slot_table, shards=entries, catalog=catalog, embeddings=emb_name, model=model,
+        sources=sources or [],
     )
     publish_manifest(index_dir, manifest)
     return manifest
@@ -339,7 +340,8 @@ def build_from_images(
     out_fs, out_path = storage.resolve(emb_uri)
     ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["shard"])
     failed = write_failed(index_dir, emb_uri)
-    m = finish_index(index_dir, cfg, version, emb_name, num_shards, slot_table, factory, cfg.model.model_dump())
+    m = finish_index(index_dir, cfg, version, emb_name, num_shards, slot_table, factory, cfg.model.model_dump(),
+                     [scheme + root])
     return BuildSummary(m.total, failed, time.time() - t0, m)
 
 

@@ -16,8 +16,10 @@ from indexing.manifest import Manifest, read_manifest
 
 
 def catch_up(index_dir: str, manifest: Manifest) -> int:
-    """Replay onto `manifest`'s shards the writes logged by its source version since the rebalance;
-    returns how many records were carried. Safe to repeat while neither version takes writes."""
+    """Seal the source version's shards and replay onto `manifest`'s shards the writes they logged
+    since the rebalance; returns how many records were carried. Sealing happens under each old
+    shard's lock as its records are read, so a write that reaches an old shard afterwards (a lagging
+    Ingress replica) is refused rather than acknowledged and lost. Safe to repeat."""
     r = manifest.replay_from
     if r is None or not storage.is_local(index_dir):
         return 0  # a fresh build, or an object-store index (served read-only: no writes to carry)
@@ -25,7 +27,7 @@ def catch_up(index_dir: str, manifest: Manifest) -> int:
     per_shard = defaultdict(list)
     # Each id lives in exactly one old shard, so per-id order is the order of that shard's log.
     for s, (generation, offset) in enumerate(r.positions):
-        for rec in read_records_since(index_dir, old, s, (generation, offset)):
+        for rec in read_records_since(index_dir, old, s, (generation, offset), seal=True):
             per_shard[int(shard_of([rec.id], manifest.slot_table)[0])].append(rec)
     for n, records in per_shard.items():
         append_records(index_dir, manifest, n, records)

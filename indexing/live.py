@@ -25,7 +25,7 @@ from indexing import storage, wal
 from indexing.catalog import read_meta, write_meta
 from indexing.ids import shard_of
 from indexing.manifest import Manifest
-from indexing.shards import add_to_shard, read_index, search_shard, serialize
+from indexing.shards import add_to_shard, read_index, search_shard
 
 LOG = logging.getLogger(__name__)
 
@@ -33,7 +33,10 @@ LOG = logging.getLogger(__name__)
 def live_dir(root: str, version: int) -> str:
     """The write state of manifest version `version` under a local index directory."""
     path = os.path.join(root, "live", f"v{version}")
-    os.makedirs(path, exist_ok=True)
+    if not os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
+        for d in (os.path.dirname(path), root):  # the new directories survive a power loss
+            storage.fsync_dir(d)
     return path
 
 
@@ -63,12 +66,22 @@ def _locked_state(index_dir: str, manifest: Manifest, shard_no: int) -> Iterator
         yield stem, _ensure_state(live, manifest, shard_no)
 
 
-def read_records_since(index_dir: str, manifest: Manifest, shard_no: int, position: tuple[int, int]) -> list[wal.Record]:
+class SealedError(RuntimeError):
+    """A write to a shard of a version the service has switched away from."""
+
+
+def read_records_since(index_dir: str, manifest: Manifest, shard_no: int, position: tuple[int, int],
+                       seal: bool = False) -> list[wal.Record]:
     """Every record a shard logged after `position` = (generation, offset), across compactions.
+    With `seal`, the shard refuses every later write (SealedError), decided under the same lock
+    the records are read under: a write is either among the records returned or refused, never
+    acknowledged and missed (the fence of a version switch).
 
     Compaction keeps the previous generation's log, so a position one generation old still works;
     an older one raises, because those records now exist only inside a snapshot."""
     with _locked_state(index_dir, manifest, shard_no) as (stem, state):
+        if seal and not state.get("sealed"):
+            storage.write_bytes_atomic(f"{stem}.json", json.dumps({**state, "sealed": True}).encode())
         current = state["generation"]
         generation, offset = position
         out = []
@@ -154,9 +167,10 @@ class LiveShard:
         if self.live is None:
             return
         with self._mutex:
-            records, self.offset = wal.read_from(os.path.join(self.live, self.log_name), self.offset)
-            for r in records:
-                self._apply(r)
+            for r, end in wal.frames(os.path.join(self.live, self.log_name), self.offset):
+                if r is not None:
+                    self._apply(r)
+                self.offset = end  # only past what is applied: a failure never skips a record
             if self._read_state()["generation"] != self.generation:
                 # Another replica compacted: its snapshot holds every logged write, so reload it.
                 self._load()
@@ -188,16 +202,21 @@ class LiveShard:
         """Durably log and apply one write; returns whether the id existed before it."""
         if self.live is None:
             raise PermissionError(f"index {self.root} is on an object store and is served read-only")
-        with self._mutex:
-            with wal.locked(self._path("lock")):
+        # The file lock first, the replica's mutex inside it: waiting for another process (or a
+        # compaction) never holds the mutex that this replica's searches take.
+        with wal.locked(self._path("lock")):
+            if self._read_state().get("sealed"):
+                raise SealedError(f"{self.name} of version {self.manifest.version} is sealed: the service has "
+                                  "switched to another version; retry")
+            with self._mutex:
                 self.sync()  # the state before this write, including other replicas' writes
                 existed = record.id in self.meta
                 if record.op != "upsert" and not existed:
                     return False
                 log = os.path.join(self.live, self.log_name)
-                wal.append(log, [record])
-            self.sync()
-            return existed
+                wal.append(log, [record], good_end=self.offset)  # cuts a torn tail a crash left
+        self.sync()
+        return existed
 
     # ------------------------------------------------------------------ reading
 
@@ -238,21 +257,41 @@ class LiveShard:
         except FileNotFoundError:
             return 0
 
-    def compact(self) -> int:
-        """Write a new snapshot of the current state and start an empty log; returns the generation."""
-        with self._mutex, wal.locked(self._path("lock")):
-            self.sync()
-            g = self.generation + 1
-            storage.write_bytes_atomic(self._path(f"g{g}.faiss"), serialize(self.index))
-            write_meta(self._path(f"g{g}.parquet"), self.meta)
-            self._write_state({"generation": g, "index": f"{self.name}.g{g}.faiss",
-                               "meta": f"{self.name}.g{g}.parquet", "log": f"{self.name}.g{g}.wal"})
-            self.generation, self.log_name, self.offset = g, f"{self.name}.g{g}.wal", 0
-            # Generation g-1 stays for replicas that are loading it right now; g-2 is unused.
-            for ext in ("faiss", "parquet", "wal"):
-                try:
-                    os.remove(self._path(f"g{g - 2}.{ext}"))
-                except FileNotFoundError:
-                    pass
-            LOG.info("%s compacted to generation %d (%d vectors)", self.name, g, self.index.ntotal)
-            return g
+    def compact(self, min_log_bytes: int = 0) -> Optional[int]:
+        """Write a new snapshot of the current state and start an empty log; returns the new
+        generation, or None when the log, re-checked under the lock, is under `min_log_bytes`
+        (another replica compacted first: a burst of writes snapshots once, not once per write).
+
+        While the lock is held no process can append, so the index cannot change: the snapshot is
+        written straight to its temporary file (no in-memory copy) while this replica's searches
+        go on. On failure (a full disk) nothing changes: no temporary file stays, the log keeps
+        every write, and a later compaction tries again."""
+        with wal.locked(self._path("lock")):
+            if self._read_state().get("sealed"):
+                return None  # a version switched away from takes no more writes: nothing to gain
+            with self._mutex:
+                self.sync()
+                if self.log_bytes() < min_log_bytes:
+                    return None
+                g = self.generation + 1
+            index_path, meta_path = self._path(f"g{g}.faiss"), self._path(f"g{g}.parquet")
+            try:
+                storage.write_file_atomic(index_path, lambda tmp: faiss.write_index(self.index, tmp))
+                write_meta(meta_path, self.meta)
+                with self._mutex:
+                    self._write_state({"generation": g, "index": f"{self.name}.g{g}.faiss",
+                                       "meta": f"{self.name}.g{g}.parquet", "log": f"{self.name}.g{g}.wal"})
+                    self.generation, self.log_name, self.offset = g, f"{self.name}.g{g}.wal", 0
+            except BaseException:
+                for p in (index_path, meta_path):
+                    if os.path.exists(p):
+                        os.remove(p)
+                raise
+        # Generation g-1 stays for replicas that are loading it right now; g-2 is unused.
+        for ext in ("faiss", "parquet", "wal"):
+            try:
+                os.remove(self._path(f"g{g - 2}.{ext}"))
+            except FileNotFoundError:
+                pass
+        LOG.info("%s compacted to generation %d (%d vectors)", self.name, g, self.index.ntotal)
+        return g

@@ -49,6 +49,7 @@ class Manifest(BaseModel):
     catalog: Optional[str] = "catalog.parquet"
     embeddings: Optional[str] = "embeddings"
     model: Optional[dict] = Field(None, description="the ModelConfig that produced the vectors")
+    sources: list[str] = Field(default_factory=list, description="the image folders or URI prefixes the build read")
     replay_from: Optional[ReplayFrom] = Field(None, description="set by a rebalance; see indexing.catchup")
 
     @model_validator(mode="after")

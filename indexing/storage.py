@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -18,6 +18,19 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     return pafs.FileSystem.from_uri(uri)
+
+
+def is_under(uri: str, roots: list[str]) -> bool:
+    """Whether `uri` names something inside one of `roots` (folders or URI prefixes), after
+    normalising away `.` and `..`, so `/data/a/../../etc/passwd` is not under `/data`."""
+    def norm(u: str) -> str:
+        scheme, sep, path = u.partition("://") if "://" in u else ("", "", u)
+        if scheme == "file":
+            scheme, sep = "", ""
+        return scheme + sep + posixpath.normpath("/" + path.lstrip("/") if not sep else path)
+
+    target = norm(uri)
+    return any(target == r or target.startswith(r.rstrip("/") + "/") for r in map(norm, roots) if r)
 
 
 def is_local(uri: str) -> bool:
@@ -51,18 +64,36 @@ def makedirs(uri: str) -> None:
     fs.create_dir(path, recursive=True)
 
 
+def write_file_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Have `write(tmp)` produce a local file at a temporary path, then fsync it and rename it over
+    `path`: readers see the old file or the complete new one. The temporary file is removed when
+    anything fails (a full disk must not stay full of it)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(path))
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write `data` so that readers see either the old file or the complete new one."""
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        write_file_atomic(path, write)
         return
     with fs.open_output_stream(path) as f:
         f.write(data)

@@ -1,9 +1,13 @@
 """The per-shard write-ahead log: framed, checksummed records appended under a file lock.
 
-Frame: b"IMW1" | u32 length | u32 crc32(payload) | payload, where payload is a JSON header, a
-newline and (for upserts) the float32 vector bytes. A crash mid-append leaves a torn frame that
-no reader accepts; readers skip to the next valid frame, so a later acknowledged record is never
-hidden behind one. The log needs a POSIX filesystem with working flock (local disk, NFSv4).
+Frame: b"IMW2" | u32 length | u32 crc32(payload) | u32 crc32(the 12 bytes before) | payload, where
+payload is a JSON header, a newline and (for upserts) the float32 vector bytes. The header has its
+own checksum, so a reader trusts a frame's length only when the header is intact, and it never
+looks past a frame that runs beyond the end of the file: that frame may still be being appended by
+another replica, and its visible bytes (a uri, a vector) may contain the marker. A crash
+mid-append leaves such a torn tail; the next writer cuts it off under the lock before appending,
+so a later record never sits behind garbage. Frames of the first format (b"IMW1", no header
+checksum) are still read. The log needs a POSIX filesystem with working flock (local disk, NFSv4).
 """
 from __future__ import annotations
 
@@ -18,8 +22,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-MAGIC = b"IMW1"
-_HEAD = struct.Struct("<4sII")
+from indexing import storage
+
+MAGIC = b"IMW2"
+_HEAD = struct.Struct("<4sIII")
+LEGACY_MAGIC = b"IMW1"  # first format: no header checksum
+_LEGACY_HEAD = struct.Struct("<4sII")
 
 
 @dataclass
@@ -46,7 +54,8 @@ class Record:
         payload = json.dumps(head).encode() + b"\n"
         if self.vector is not None:
             payload += np.ascontiguousarray(self.vector, dtype=np.float32).tobytes()
-        return _HEAD.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+        head = struct.pack("<4sII", MAGIC, len(payload), zlib.crc32(payload))
+        return head + struct.pack("<I", zlib.crc32(head)) + payload
 
     @classmethod
     def decode(cls, payload: bytes) -> "Record":
@@ -71,47 +80,91 @@ def locked(lock_path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def append(log_path: str, records: list[Record]) -> int:
+def append(log_path: str, records: list[Record], good_end: Optional[int] = None) -> int:
     """Append records in one write and fsync before returning (the caller holds the lock).
 
-    Returns the log size after the append."""
+    First cuts a torn tail (a frame a crash left half written) back to `good_end`, the end of the
+    last complete frame (found by reading the log when not given). Returns the log size after."""
     data = b"".join(r.encode() for r in records)
+    created = not os.path.exists(log_path)
     fd = os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        if good_end is None and size:
+            good_end = read_from(log_path, 0)[1]
+        if good_end is not None and size > good_end:
+            os.ftruncate(fd, good_end)
+            size = good_end
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            # Not durable, so not written: cut it back (a full disk, a failed fsync) before the
+            # caller reports the failure. A reader that raced in between sees at most a torn tail.
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise
+        if created:  # the new file's name must be as durable as its bytes
+            storage.fsync_dir(os.path.dirname(os.path.abspath(log_path)))
         return os.fstat(fd).st_size
     finally:
         os.close(fd)
 
 
-def read_from(log_path: str, offset: int) -> tuple[list[Record], int]:
-    """Valid records after byte `offset`, and the offset to resume from.
 
-    A frame whose header or checksum is wrong is skipped by scanning for the next magic. A frame
-    that runs past the end of the file may still be being written, so reading stops before it."""
+def frames(log_path: str, offset: int) -> Iterator[tuple[Optional[Record], int]]:
+    """(record, offset just past it) for each frame after byte `offset`; the record is None for a
+    frame or bytes that are skipped. A reader records its position only once it has applied the
+    record, so a failure in between never loses one.
+
+    Stops before a frame that runs past the end of the file (still being written, or torn by a
+    crash). A frame with an intact header but a wrong payload checksum is skipped by its length;
+    only a damaged header makes the reader scan, for the next intact current-format header."""
     try:
         with open(log_path, "rb") as f:
             f.seek(offset)
             data = f.read()
     except FileNotFoundError:
-        return [], offset
-    out, pos = [], 0
-    while pos + _HEAD.size <= len(data):
-        magic, length, crc = _HEAD.unpack_from(data, pos)
-        end = pos + _HEAD.size + length
-        if magic == MAGIC and end <= len(data):
-            payload = data[pos + _HEAD.size : end]
-            if zlib.crc32(payload) == crc:
-                out.append(Record.decode(payload))
-                pos = end
-                continue
-        elif magic == MAGIC and end > len(data) and data.find(MAGIC, pos + 1) < 0:
-            break  # an incomplete last frame: maybe still being written, or torn by a crash
-        nxt = data.find(MAGIC, pos + 1)
-        if nxt < 0:
-            break
-        pos = nxt
-    return out, offset + pos
+        return
+    pos = 0
+    while pos + _LEGACY_HEAD.size <= len(data):
+        magic, length, crc = _LEGACY_HEAD.unpack_from(data, pos)
+        if magic == MAGIC and pos + _HEAD.size > len(data):
+            return  # a header still being written
+        if magic == MAGIC and _intact(data, pos):
+            head = _HEAD.size
+        elif magic == LEGACY_MAGIC:
+            head = _LEGACY_HEAD.size
+        else:  # damaged bytes: resume at the next intact header, if any is complete yet
+            nxt = data.find(MAGIC, pos + 1)
+            while nxt >= 0 and nxt + _HEAD.size <= len(data) and not _intact(data, nxt):
+                nxt = data.find(MAGIC, nxt + 1)
+            if nxt < 0 or nxt + _HEAD.size > len(data):
+                return
+            yield None, offset + nxt
+            pos = nxt
+            continue
+        end = pos + head + length
+        if end > len(data):
+            return  # incomplete: never look inside it
+        payload = data[pos + head : end]
+        yield (Record.decode(payload) if zlib.crc32(payload) == crc else None), offset + end
+        pos = end
+
+
+def read_from(log_path: str, offset: int) -> tuple[list[Record], int]:
+    """Valid records after byte `offset`, and the offset to resume from (see `frames`)."""
+    out, end = [], offset
+    for record, end in frames(log_path, offset):
+        if record is not None:
+            out.append(record)
+    return out, end
+
+
+def _intact(data: bytes, pos: int) -> bool:
+    """Whether a current-format header at `pos` matches its own checksum."""
+    return zlib.crc32(data[pos : pos + 12]) == _HEAD.unpack_from(data, pos)[3]

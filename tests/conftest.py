@@ -71,14 +71,16 @@ def image_index_dir(ray_session, corpus_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def service(ray_session, image_index_dir):
+def service(ray_session, image_index_dir, tmp_path_factory):
     """serve_config.yaml deployed on the session's Ray, serving image_index_dir; yields the base URL.
 
     No serve.shutdown() at the end: ray_session's ray.shutdown() stops the whole local cluster."""
     from deployments.__main__ import DEFAULT_SERVE_CONFIG, deploy, load_serve_config, wait_healthy
 
     cfg = load_serve_config(str(DEFAULT_SERVE_CONFIG), str(image_index_dir), None, free_port())
-    cfg["applications"][0]["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN]}}
+    # Tests ingest from their own temporary folders: PUT uris may name files under any of them.
+    cfg["applications"][0]["args"]["overrides"] = {
+        "serve": {"write_tokens": [WRITE_TOKEN], "uri_roots": [str(tmp_path_factory.getbasetemp())]}}
     url = deploy(cfg)
     assert wait_healthy(url, 180), "service did not become healthy"
     yield url

@@ -15,6 +15,7 @@ from tests.conftest import WRITE_TOKEN
 from tests.images import TEXTURES
 
 APP = "trained"
+READ_TOKEN = "test-reader-token"
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def trained_service(service, trained):
     front, index = load_serve_config(str(DEFAULT_SERVE_CONFIG), str(trained["index_dir"]), str(trained["config"]),
                                      None)["applications"]
     front.update(name=APP, route_prefix=f"/{APP}")
-    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN]}}
+    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN], "read_tokens": [READ_TOKEN]}}
     index.update(name=f"{APP}-index")
     for d in front["deployments"] + index["deployments"]:
         d.setdefault("ray_actor_options", {})["num_cpus"] = 0.05
@@ -85,7 +86,7 @@ def _evaluate(tmp_path, trained, *extra) -> dict:
 
 def test_served_trained_model_gives_the_in_process_quality(trained, trained_service, tmp_path):
     local = _evaluate(tmp_path, trained, "--factory", "Flat")
-    served = _evaluate(tmp_path, trained, "--url", trained_service)
+    served = _evaluate(tmp_path, trained, "--url", trained_service, "--token", READ_TOKEN)
     assert local["queries"] == served["queries"] > 50
     for metric in ("ndcg@10", "p@10", "map"):
         assert served[metric] == pytest.approx(local[metric], abs=0.01), (metric, local, served)
@@ -153,3 +154,14 @@ def test_hash_threshold_separates_copies_from_distinct_photos(corpus_dir, capsys
     labels.write_text("path\n" + "".join(f"{p.relative_to(root)}\n" for p in sorted(root.rglob("*/full.jpg"))))
     assert evaluation_main(["copies", "--labels", str(labels), "--root", str(root)]) == 0
     assert "| nearest distinct image |" in capsys.readouterr().out
+
+
+def test_stats_keep_operator_details_for_operators(trained_service):
+    """With read tokens set, /stats needs one, and only a write token sees where the index lives."""
+    with httpx.Client(base_url=trained_service, timeout=30) as c:
+        assert c.get("/stats").status_code == 401
+        reader = c.get("/stats", headers={"authorization": f"Bearer {READ_TOKEN}"}).json()
+        operator = c.get("/stats", headers={"authorization": f"Bearer {WRITE_TOKEN}"}).json()
+    assert reader["total"] == operator["total"] > 0
+    assert "index_dir" not in reader and set(reader["shards"][0]) == {"shard", "loaded", "count"}
+    assert operator["index_dir"] and operator["shards"][0]["log_bytes"] is not None

@@ -73,3 +73,17 @@ def test_truncated_jpeg_is_a_decode_error():
     data = encode(Image.effect_noise((200, 200), 50).convert("RGB"), "JPEG")
     with pytest.raises(ImageDecodeError, match="truncated|corrupt"):
         decode_image(data[: len(data) // 2], **LIMITS)
+
+
+def test_a_container_format_is_refused_before_its_inner_image_decodes():
+    """An ICNS whose header says 128x128 around an 8000x8000 PNG: 62 KB that Pillow would inflate
+    to 64 MB before noticing. Only plain image formats are opened."""
+    import struct
+
+    inner = encode(Image.new("L", (8000, 8000)), "PNG")
+    entry = b"ic07" + struct.pack(">I", 8 + len(inner)) + inner
+    data = b"icns" + struct.pack(">I", 8 + len(entry)) + entry
+    with pytest.raises(ImageDecodeError, match="format ICNS is not accepted"):
+        decode_image(data, **LIMITS)
+    with pytest.raises(ImageDecodeError, match="format ICO is not accepted"):
+        decode_image(encode(Image.new("RGB", (32, 32)), "ICO"), **LIMITS)

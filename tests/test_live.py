@@ -25,6 +25,41 @@ def test_log_round_trip_and_torn_frames(tmp_path, rng):
     assert [(r.op, r.id) for r in more] == [("delete", 7)]
 
 
+def test_a_reader_racing_an_append_never_skips_a_record(tmp_path, rng):
+    """A replica tails the log while another appends byte by byte; payloads carry the frame marker
+    and even a whole fake frame header. Every record arrives, once, in order."""
+    import struct
+    import zlib
+
+    log = str(tmp_path / "race.wal")
+    v = rng.normal(size=4).astype(np.float32)
+    fake = b"IMW1" + struct.pack("<II", 4, zlib.crc32(b"abcd")) + b"abcd"
+    records = [Record("upsert", i, v, uri=f"x/IMW1/IMW2-{i}.jpg{fake.decode('latin-1')}", sha256="h")
+               for i in range(6)]
+    data = b"".join(r.encode() for r in records)
+    got, offset = [], 0
+    with open(log, "wb") as f:
+        for i in range(len(data)):
+            f.write(data[i : i + 1])
+            f.flush()
+            recs, offset = read_from(log, offset)
+            got += [(r.id, r.uri) for r in recs]
+    assert got == [(r.id, r.uri) for r in records]
+
+
+def test_a_torn_tail_is_cut_before_the_next_append(tmp_path, rng):
+    log = str(tmp_path / "torn.wal")
+    v = rng.normal(size=4).astype(np.float32)
+    first, third = Record("upsert", 1, v, uri="a"), Record("upsert", 3, v, uri="c")
+    append(log, [first])
+    with open(log, "ab") as f:  # a crash half way through the next frame
+        f.write(Record("upsert", 2, v, uri="b").encode()[:20])
+    append(log, [third])
+    recs, end = read_from(log, 0)
+    assert [r.id for r in recs] == [1, 3] and end == os.path.getsize(log)
+    assert end == len(first.encode()) + len(third.encode())  # the torn bytes were cut, not skipped over
+
+
 @pytest.fixture
 def index(ray_session, tmp_path, rng):
     x = rng.normal(size=(600, 16)).astype(np.float32)
@@ -98,3 +133,77 @@ def test_records_since_a_position_survive_one_compaction_not_two(index, rng):
     a.compact()  # the log of the recorded generation is gone now: refuse rather than miss writes
     with pytest.raises(FileNotFoundError, match="compaction"):
         read_records_since(d, m, 0, pos)
+
+
+def test_a_failed_snapshot_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    from indexing import storage
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "snap.faiss"
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        storage.write_bytes_atomic(str(target), b"x" * 1000)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temp file
+    monkeypatch.undo()
+    storage.write_bytes_atomic(str(target), b"ok")  # space is back: writes work again
+    assert target.read_bytes() == b"ok"
+
+
+def test_a_full_disk_fails_only_the_write_it_hits(index, rng, monkeypatch):
+    """ENOSPC while appending: that write is reported failed and leaves nothing behind; while
+    compacting: no write fails, no temporary file stays. Every acknowledged write survives a
+    restart, and writes and compaction work again once space returns."""
+    import errno
+
+    import faiss
+
+    d, _ = index
+    m = read_manifest(d)
+    a = LiveShard(d, m, 0)
+    ids = sorted(a.meta)[:3]
+    assert a.write(Record("flags", ids[0], private=True))
+    size = a.log_bytes()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "write", full)
+        with pytest.raises(OSError, match="No space"):
+            a.write(Record("flags", ids[1], private=True))
+    assert a.log_bytes() == size  # the failed record is not in the log for any replica to apply
+    with monkeypatch.context() as mp:
+        mp.setattr(faiss, "write_index", full)
+        with pytest.raises(OSError, match="No space"):
+            a.compact()
+    assert sorted(f for f in os.listdir(a.live) if ".tmp-" in f or ".g1." in f) == []
+    assert a.generation == 0 and a.write(Record("flags", ids[2], unsafe=True))  # space is back
+    b = LiveShard(d, m, 0)  # a restart
+    assert b.get(ids[0])["private"] and not b.get(ids[1])["private"] and b.get(ids[2])["unsafe"]
+    assert a.compact() == 1 and a.compact(min_log_bytes=1) is None  # an empty log is not compacted again
+    assert LiveShard(d, m, 0).get(ids[2])["unsafe"]
+
+
+def test_a_sealed_shard_refuses_writes_so_none_is_acknowledged_and_missed(index, rng):
+    """The fence of a version switch: records are read and the shard sealed under one lock. A write
+    either lands before (and is among the records carried over) or is refused after."""
+    from indexing.live import SealedError, read_records_since
+
+    d, _ = index
+    m = read_manifest(d)
+    a, b = LiveShard(d, m, 1), LiveShard(d, m, 1)  # b: a replica on a lagging Ingress's path
+    ids = sorted(a.meta)[:2]
+    pos = a.position
+    assert a.write(Record("flags", ids[0], private=True))
+    carried = read_records_since(d, m, 1, pos, seal=True)
+    assert [(r.op, r.id) for r in carried] == [("flags", ids[0])]
+    with pytest.raises(SealedError, match="sealed"):
+        b.write(Record("flags", ids[1], private=True))
+    assert a.compact() is None and a.generation == 0  # a compaction does not unseal it
+    with pytest.raises(SealedError):
+        a.write(Record("delete", ids[1]))
+    assert read_records_since(d, m, 1, pos) == carried  # nothing slipped in after the fence

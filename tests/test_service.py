@@ -107,9 +107,33 @@ BAD = [
     ("post", "/search/vector", dict(json={"vector": ["a"] * 1280}), 422, "invalid_vector"),
     ("post", "/search/vector", dict(json={"vector": [0.0] * 1280, "k": 5000}), 422, "invalid_k"),
     ("post", "/search/vector", dict(json={"nothing": 1}), 422, "invalid_request"),
+    # hostile JSON: deep nesting, numbers past any type, non-integers where integers belong
+    ("post", "/search/vector", dict(content=b'{"vector": ' + b"[" * 5000 + b"]" * 5000 + b"}"), 400, "invalid_json"),
+    ("post", "/search/vector", dict(content=b'{"vectors": [' + b"[" * 900 + b"]" * 900 + b"]}"), 422, "wrong_dimension"),
+    ("post", "/search/vector", dict(content=b'{"vector": [1' + b"0" * 400 + b"]}"), 400, "invalid_json"),
+    ("post", "/search/vector", dict(content=b'{"vector": [0.0], "nprobe": Infinity}'), 400, "invalid_json"),
+    ("post", "/search/vector", dict(json={"vector": [3e38] * 1280}), 422, "invalid_vector"),
+    ("post", "/search/vector", dict(json={"vector": [0.0] * 1280, "k": 2.5}), 422, "invalid_k"),
+    ("post", "/search/vector", dict(json={"vector": [0.0] * 1280, "nprobe": 2.5}), 422, "invalid_nprobe"),
+    ("post", "/search/vector", dict(json={"vector": [0.0] * 1280, "k": 10**30}), 422, "invalid_k"),
+    ("post", "/search/vector?nprobe=1e3", dict(json={"vector": [0.0] * 1280}), 422, "invalid_nprobe"),
     ("get", "/search", {}, 405, "method_not_allowed"),
     ("get", "/nowhere", {}, 404, "not_found"),
 ]
+
+
+def _chunked_multipart(size: int):
+    """A multipart upload sent chunked, so without a Content-Length for the server to check."""
+    yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    for _ in range(size // 65536):
+        yield b"x" * 65536
+    yield b"\r\n--b--\r\n"
+
+
+def test_multipart_without_length_is_counted_as_it_streams(client):
+    r = client.post("/search", content=_chunked_multipart(21 * 1024 * 1024),
+                    headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
 @pytest.mark.parametrize("method,path,kw,status,code", BAD, ids=[f"{b[3]}-{b[4]}" for b in BAD])

@@ -41,6 +41,7 @@ def sw_service(ray_session, service, tmp_path_factory):
             d["autoscaling_config"]["max_replicas"] = 1
         if d["name"] == "Ingress":
             d["user_config"]["index_app"] = "sw-index"
+            d["num_replicas"] = 2  # replicas hear of the switch at different times: the shards fence it
     cfg = deployed_config()
     cfg["applications"] += [front, index]
     deploy_config(cfg)
@@ -126,7 +127,7 @@ def test_switch_to_rebalanced_version_without_downtime_or_lost_writes(sw_service
     for id_ in traffic.acked:
         assert c.get(f"/images/{id_}").status_code == 200
     assert c.get("/images/5").status_code == 404 and c.get("/images/7").status_code == 404
-    assert c.get("/images/6").json()["private"] and c.get("/images/8").json()["unsafe"]
+    assert c.get("/images/6", headers=AUTH).json()["private"] and c.get("/images/8", headers=AUTH).json()["unsafe"]
     assert "sw-index" not in {a["name"] for a in deployed_config()["applications"]}  # the old one is gone
     # Writes flow into the new version once the switch is over.
     assert c.put("/images/424242", content=picture(424242), headers=AUTH).status_code == 201

@@ -49,11 +49,11 @@ def test_write_tokens(client, method):
 
 def test_upsert_replace_delete(client):
     id_, a, b = 9_000_000_001, picture(11), picture(12)
-    r = put(client, id_, a, uri="mem://a")
+    r = put(client, id_, a, uri="s3://test/a")
     assert r.status_code == 201 and r.json()["created"] is True
     assert top_ids(client, a)[0] == id_
-    assert client.get(f"/images/{id_}").json()["uri"] == "mem://a"
-    r = put(client, id_, b, uri="mem://b")
+    assert client.get(f"/images/{id_}").json()["uri"] == "s3://test/a"
+    r = put(client, id_, b, uri="s3://test/b")
     assert r.status_code == 200 and r.json()["created"] is False
     assert top_ids(client, b)[0] == id_ and top_ids(client, a).count(id_) <= 1
     assert client.delete(f"/images/{id_}", headers=AUTH).status_code == 200
@@ -61,6 +61,14 @@ def test_upsert_replace_delete(client):
     assert client.delete(f"/images/{id_}", headers=AUTH).status_code == 404
     assert client.get(f"/images/{id_}").status_code == 404
     assert client.patch(f"/images/{id_}", json={"private": True}, headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize("uri", ["javascript:alert(1)", "data:text/html,<b>x</b>", "file:///etc/passwd", "/etc/passwd",
+                                 "../../etc/passwd", "mem://x", "x" * 3000, "a\nb"])
+def test_a_uri_that_points_anywhere_is_refused(client, uri):
+    r = client.put("/images/9000000077", params={"uri": uri}, content=picture(3), headers=AUTH)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_uri", r.text
+    assert client.get("/images/9000000077").status_code == 404  # nothing was written
 
 
 @pytest.mark.parametrize("body,status", [(b"{", 400), (b'{"private": "yes"}', 422), (b'{"colour": 1}', 422)])
@@ -86,7 +94,11 @@ def test_flagged_images_never_appear(client, image_index_dir):
                 assert client.patch(f"/images/{i}", json={flag: on}, headers=AUTH).status_code == 200
                 flagged.add(i) if on else None
             # Recompute the truth from the service itself (flags of both kinds accumulate).
-            hidden = {i for i in flagged if (lambda m: m["private"] or m["unsafe"])(client.get(f"/images/{i}").json())}
+            hidden = {i for i in flagged
+                      if (lambda m: m["private"] or m["unsafe"])(client.get(f"/images/{i}", headers=AUTH).json())}
+            for i in hidden:  # a reader is told nothing about a hidden image, not even that it exists
+                r = client.get(f"/images/{i}")
+                assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
             q = np.concatenate([x[rng.choice(len(x), 6)], rng.normal(size=(4, x.shape[1])).astype(np.float32)])
             k = 20
             res = client.post("/search/vector", json={"vectors": q.tolist(), "k": k, "dedupe": False}).json()
@@ -106,7 +118,7 @@ def test_acknowledged_writes_survive_sigkill(client, image_index_dir):
     mine = [i for i in range(9_100_000_000, 9_100_000_400) if shard_of([i], m.slot_table)[0] == 2][:8]
     before = client.get("/stats").json()["shards"][2]["count"]
     for n, i in enumerate(mine):
-        assert put(client, i, picture(100 + n), uri=f"mem://{i}").status_code == 201
+        assert put(client, i, picture(100 + n), uri=f"s3://test/{i}").status_code == 201
     handle = serve.get_deployment_handle("Shard002", app_name="imsearch-index")
     pid = handle.info.remote().result()["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -123,7 +135,7 @@ def test_acknowledged_writes_survive_sigkill(client, image_index_dir):
         pytest.fail("Shard002 was not restarted")
     assert info["count"] == before + len(mine)  # every acknowledged write, nothing else
     for n, i in enumerate(mine):
-        assert client.get(f"/images/{i}").json()["uri"] == f"mem://{i}"
+        assert client.get(f"/images/{i}").json()["uri"] == f"s3://test/{i}"
         assert top_ids(client, picture(100 + n), k=1) == [i]
     for i in mine:
         assert client.delete(f"/images/{i}", headers=AUTH).status_code == 200
@@ -134,7 +146,7 @@ def test_concurrent_writes_and_reads(client, service):
 
     def writer(i):
         with httpx.Client(base_url=service, timeout=60) as c:
-            return put(c, i, picture(i % 1000), uri=f"mem://{i}").status_code
+            return put(c, i, picture(i % 1000), uri=f"s3://test/{i}").status_code
 
     def reader(n):
         with httpx.Client(base_url=service, timeout=60) as c:

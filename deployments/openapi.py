@@ -1,0 +1,117 @@
+"""The HTTP API as an OpenAPI 3 document, served at `GET /openapi.json`.
+
+Written by hand next to the hand-written routing of `ingress.py` (the fast path has no FastAPI
+layer); `tests/test_api_contract.py` holds the two together by running schemathesis against the
+live service: every documented operation, no 5xx, every answer matching this schema.
+"""
+from __future__ import annotations
+
+ERROR = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"],
+                             "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
+}
+HIT = {"type": "object", "required": ["id", "score", "uri"],
+       "properties": {"id": {"type": "integer"}, "score": {"type": "number", "nullable": True}, "uri": {"type": "string"}}}
+HITS = {"type": "array", "items": HIT}
+SEARCH = {"type": "object", "required": ["results", "partial", "took_ms"],
+          "properties": {"results": {"oneOf": [HITS, {"type": "array", "items": HITS}]},
+                         "partial": {"type": "boolean"}, "took_ms": {"type": "number"}}}
+IMAGE_META = {
+    "type": "object", "required": ["id", "uri", "sha256", "private", "unsafe"],
+    "properties": {"id": {"type": "integer"}, "uri": {"type": "string"}, "sha256": {"type": "string"},
+                   "private": {"type": "boolean"}, "unsafe": {"type": "boolean"},
+                   "perceptual_hash": {"type": "string", "nullable": True}},
+}
+IMAGE_BODY = {
+    "required": True,
+    "content": {
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
+                                           "properties": {"image": {"type": "string", "format": "binary"}}}},
+    },
+}
+BEARER = [{"bearer": []}]
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    return {str(c): _json(ERROR, "an error: code and message") for c in codes}
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+K = _query("k", {"type": "integer", "minimum": 1}, "results per query (at most serve.max_k)")
+NPROBE = _query("nprobe", {"type": "integer", "minimum": 1}, "IVF cells to visit (at most serve.max_nprobe)")
+DEDUPE = _query("dedupe", {"type": "boolean"}, "collapse copies (default true)")
+ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0},
+      "description": "image id (int64)"}
+# Every answer the admission and deadline machinery can give, on top of an operation's own errors.
+COMMON = (400, 401, 403, 404, 413, 415, 422, 503)
+
+
+def document() -> dict:
+    """The OpenAPI 3.0 document of the service."""
+    search = {"200": _json(SEARCH, "results, best first"), **_errors(*COMMON)}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "imsearch", "version": "1", "description": "Reverse image search: upload a photo, get the most similar images."},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/search": {"post": {
+                "summary": "Search by image", "security": BEARER + [{}], "requestBody": IMAGE_BODY,
+                "parameters": [K, NPROBE, DEDUPE, _query("exclude_self", {"type": "boolean"},
+                                                         "drop results with the query's own bytes")],
+                "responses": search}},
+            "/search/vector": {"post": {
+                "summary": "Search by vector(s)", "security": BEARER + [{}], "parameters": [K, NPROBE, DEDUPE],
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"type": "object", "properties": {
+                        "vector": {"type": "array", "items": {"type": "number"}},
+                        "vectors": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                        "k": {"type": "integer"}, "nprobe": {"type": "integer"}, "dedupe": {"type": "boolean"}}}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                "responses": search}},
+            "/embed": {"post": {
+                "summary": "The vector of an image", "security": BEARER + [{}], "requestBody": IMAGE_BODY,
+                "responses": {"200": _json({"type": "object", "required": ["vector", "dim", "took_ms"], "properties": {
+                    "vector": {"type": "array", "items": {"type": "number"}}, "dim": {"type": "integer"},
+                    "took_ms": {"type": "number"}}}, "the query vector"), **_errors(*COMMON)}}},
+            "/images/{id}": {
+                "parameters": [ID],
+                "get": {"summary": "Metadata of an image (404 for private or unsafe ones without a write token)",
+                        "security": BEARER + [{}],
+                        "responses": {"200": _json(IMAGE_META, "the image's metadata"), **_errors(*COMMON)}},
+                "put": {"summary": "Add or replace an image", "security": BEARER, "requestBody": IMAGE_BODY,
+                        "parameters": [_query("uri", {"type": "string", "maxLength": 2048}, "where the image lives")],
+                        "responses": {k: _json({"type": "object", "required": ["id", "created"], "properties": {
+                            "id": {"type": "integer"}, "created": {"type": "boolean"}}}, d)
+                            for k, d in (("200", "replaced"), ("201", "added"))} | _errors(*COMMON)},
+                "delete": {"summary": "Delete an image", "security": BEARER,
+                           "responses": {"200": _json({"type": "object", "required": ["id", "deleted"]}, "deleted"),
+                                         **_errors(*COMMON)}},
+                "patch": {"summary": "Set visibility flags", "security": BEARER,
+                          "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                              "type": "object", "properties": {"private": {"type": "boolean"},
+                                                               "unsafe": {"type": "boolean"}}}}}},
+                          "responses": {"200": _json({"type": "object", "required": ["id"]}, "flags set"),
+                                        **_errors(*COMMON)}},
+            },
+            "/healthz": {"get": {"summary": "Whether every shard answers", "responses": {
+                "200": _json({"type": "object", "required": ["status", "shards_down"]}, "all shards answer"),
+                "503": _json({"type": "object", "required": ["status", "shards_down"]}, "some shard is down")}}},
+            "/stats": {"get": {"summary": "Index version, counts and (for operators) where it lives",
+                               "security": BEARER + [{}],
+                               "responses": {"200": _json({"type": "object", "required": ["total", "shards"]}, "stats"),
+                                             **_errors(401, 403, 503)}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {
+                "200": _json({"type": "object"}, "the OpenAPI document")}}},
+        },
+    }
