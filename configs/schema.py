@@ -127,6 +127,9 @@ class ServeConfig(_Strict):
         default_factory=list, description="folders or URI prefixes an absolute ?uri= may name, besides the ones the build read")
     exclude_query_image: bool = Field(False, description="default of ?exclude_self: drop results with the query's bytes")
     write_tokens: list[str] = Field(default_factory=list, description="bearer tokens allowed to write (also env IMSEARCH_WRITE_TOKENS); none: writes refused")
+    tokens_file: Optional[str] = Field(
+        None, description="YAML file with write_tokens / read_tokens, read by each Ingress replica (keeps tokens "
+        "out of deployment arguments, which the Ray dashboard shows; e.g. a mounted Kubernetes secret)")
     read_tokens: list[str] = Field(default_factory=list, description="when set (or env IMSEARCH_READ_TOKENS), reads need one of these or a write token")
     compact_after_bytes: PositiveInt = Field(64 * 1024 * 1024, description="a shard snapshots and trims its log past this size")
 

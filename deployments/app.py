@@ -60,12 +60,8 @@ def build_app(args: dict) -> serve.Application:
     model_cfg = m.model or cfg.model.model_dump()
     embedder = Embedder.bind(model_cfg, cfg.decode.model_dump(), cfg.serve.max_batch_size,
                              cfg.serve.batch_wait_timeout_s, cfg.serve.embedder_threads, cfg.serve.max_concurrent_decodes)
-    return Ingress.bind(
-        embedder, cfg.serve.model_dump(), cfg.decode.model_dump(),
-        cfg.serve.write_tokens + _env_list("IMSEARCH_WRITE_TOKENS"), cfg.serve.read_tokens + _env_list("IMSEARCH_READ_TOKENS"),
-    )
-
-
-def _env_list(name: str) -> list[str]:
-    """Comma-separated tokens from the environment of the process that builds the app."""
-    return [t.strip() for t in os.environ.get(name, "").split(",") if t.strip()]
+    # Tokens are not constructor arguments (the dashboard shows those): each replica reads them
+    # itself (deployments/http.py load_tokens), from the config, its tokens_file and its environment.
+    serve_cfg = cfg.serve.model_dump(exclude={"write_tokens", "read_tokens"})
+    a = AppArgs.model_validate(args)
+    return Ingress.bind(embedder, serve_cfg, cfg.decode.model_dump(), {"config": a.config, "overrides": a.overrides})

@@ -178,6 +178,35 @@ def bearer_token(request: Request) -> Optional[str]:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+def load_tokens(config: Optional[str], overrides: dict) -> tuple[list[str], list[str]]:
+    """(write tokens, read tokens) as the replica that calls this sees them: `serve.write_tokens` /
+    `serve.read_tokens` of the app config, the YAML file `serve.tokens_file` names (keys
+    write_tokens, read_tokens), and the environment variables IMSEARCH_WRITE_TOKENS /
+    IMSEARCH_READ_TOKENS (comma-separated). Read inside the replica, so no token travels as a
+    deployment argument that the Ray dashboard would show."""
+    import os
+
+    import yaml
+
+    from configs.schema import ConfigError, load_config
+
+    serve = load_config(config, overrides).serve
+    write, read = list(serve.write_tokens), list(serve.read_tokens)
+    if serve.tokens_file:
+        try:
+            with open(serve.tokens_file) as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"serve.tokens_file {serve.tokens_file}: {e}") from None
+        if not isinstance(data, dict) or set(data) - {"write_tokens", "read_tokens"}:
+            raise ConfigError(f"serve.tokens_file {serve.tokens_file}: expected keys write_tokens and/or read_tokens")
+        write += [str(t) for t in data.get("write_tokens") or []]
+        read += [str(t) for t in data.get("read_tokens") or []]
+    for name, out in (("IMSEARCH_WRITE_TOKENS", write), ("IMSEARCH_READ_TOKENS", read)):
+        out += [t.strip() for t in os.environ.get(name, "").split(",") if t.strip()]
+    return write, read
+
+
 def token_in(token: Optional[str], allowed: frozenset[str]) -> bool:
     """Whether the token is one of `allowed`, comparing every candidate in constant time so the
     answer's timing says nothing about how much of a token was right."""

@@ -25,7 +25,7 @@ from starlette.routing import Match, Route
 
 from configs.schema import DecodeConfig, ServeConfig
 from deployments.http import (
-    ApiError, JSONResponse, bearer_token, check_token, parse_bool, parse_flags, parse_image_id, parse_k, parse_nprobe,
+    ApiError, JSONResponse, bearer_token, check_token, load_tokens, parse_bool, parse_flags, parse_image_id, parse_k, parse_nprobe,
     parse_uri, parse_vector_request, read_body, read_image, token_in, vector_body_limit,
 )
 from deployments import openapi
@@ -75,8 +75,7 @@ async def _bounded(response, timeout_s: float, on_timeout: ApiError, *, keep_run
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512, max_queued_requests=512)
 class Ingress:
-    def __init__(self, embedder: DeploymentHandle, serve_cfg: dict, decode_cfg: dict,
-                 write_tokens: list[str], read_tokens: list[str]):
+    def __init__(self, embedder: DeploymentHandle, serve_cfg: dict, decode_cfg: dict, config_source: dict):
         self.embedder = embedder
         self.routing: Routing | None = None  # set by reconfigure (user_config) before any request
         self.version: Optional[IndexVersion] = None
@@ -84,6 +83,7 @@ class Ingress:
         self.cfg, self.decode = ServeConfig(**serve_cfg), DecodeConfig(**decode_cfg)
         self._search_batch.set_max_batch_size(self.cfg.search_batch_size)
         self._search_batch.set_batch_wait_timeout_s(self.cfg.search_batch_wait_s)
+        write_tokens, read_tokens = load_tokens(config_source["config"], config_source["overrides"])
         self.write_tokens = frozenset(write_tokens)
         self.read_tokens = frozenset(read_tokens) | self.write_tokens if read_tokens else None
         self.routes = [

@@ -48,7 +48,7 @@ def trained(ray_session, corpus_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained_service(service, trained):
+def trained_service(service, trained, tmp_path_factory):
     """The trained index served beside the session's service: front `trained` at /trained."""
     from deployments.__main__ import DEFAULT_SERVE_CONFIG, load_serve_config, wait_healthy
     from deployments.switch import deploy_config, deployed_config, wait_gone, wait_running
@@ -56,7 +56,9 @@ def trained_service(service, trained):
     front, index = load_serve_config(str(DEFAULT_SERVE_CONFIG), str(trained["index_dir"]), str(trained["config"]),
                                      None)["applications"]
     front.update(name=APP, route_prefix=f"/{APP}")
-    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN], "read_tokens": [READ_TOKEN]}}
+    tokens = tmp_path_factory.mktemp("secrets") / "tokens.yaml"  # read by the replica, never an argument
+    tokens.write_text(yaml.safe_dump({"read_tokens": [READ_TOKEN]}))
+    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN], "tokens_file": str(tokens)}}
     index.update(name=f"{APP}-index")
     for d in front["deployments"] + index["deployments"]:
         d.setdefault("ray_actor_options", {})["num_cpus"] = 0.05
@@ -157,7 +159,11 @@ def test_hash_threshold_separates_copies_from_distinct_photos(corpus_dir, capsys
 
 
 def test_stats_keep_operator_details_for_operators(trained_service):
-    """With read tokens set, /stats needs one, and only a write token sees where the index lives."""
+    """With read tokens set, /stats needs one, and only a write token sees where the index lives.
+    A token from a tokens_file appears nowhere in what Serve (and so its dashboard) reports."""
+    from deployments.switch import _client
+
+    assert READ_TOKEN not in json.dumps(_client().get_serve_details())
     with httpx.Client(base_url=trained_service, timeout=30) as c:
         assert c.get("/stats").status_code == 401
         reader = c.get("/stats", headers={"authorization": f"Bearer {READ_TOKEN}"}).json()
