@@ -302,6 +302,24 @@ def build_from_vectors(
     return BuildSummary(m.total, 0, time.time() - t0, m)
 
 
+def fit_to_free_cpus(b: BuildConfig, use_gpu: bool) -> BuildConfig:
+    """The build's CPU reservations, scaled down when the cluster has fewer CPUs free than one
+    embedding actor plus one decode task need (a service holding part of a small machine): the
+    actor pool would wait for CPUs that never free up, and the build would hang without a word."""
+    import ray
+
+    need = (0 if use_gpu else b.actor_num_cpus * b.min_actors) + b.decode_num_cpus
+    free = ray.available_resources().get("CPU", 0.0)
+    if free >= need:
+        return b
+    if free < 0.1:
+        raise BuildError(f"no CPU is free on the Ray cluster ({free:.2f}): stop what holds them or add nodes")
+    scale = free * 0.9 / need
+    LOG.warning("only %.2f CPUs are free (the build asks for %.2f): reserving %.0f%% of the configured "
+                "build.actor_num_cpus and build.decode_num_cpus", free, need, scale * 100)
+    return b.model_copy(update={"actor_num_cpus": b.actor_num_cpus * scale, "decode_num_cpus": b.decode_num_cpus * scale})
+
+
 def build_from_images(
     images: str, index_dir: str, cfg: AppConfig, shards: Optional[int] = None, factory: Optional[str] = None,
 ) -> BuildSummary:
@@ -321,7 +339,7 @@ def build_from_images(
     emb_name = versioned("embeddings", version)
     emb_uri = storage.join(index_dir, emb_name)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    b = cfg.build
+    b = fit_to_free_cpus(cfg.build, use_gpu)
     ds = ray.data.read_binary_files(
         [p.split("://", 1)[1] if scheme else p for p, _ in listed], include_paths=True, filesystem=fs,
         num_cpus=b.decode_num_cpus,

@@ -37,10 +37,9 @@ def trained(ray_session, corpus_dir, tmp_path_factory):
     summary = run_training(str(root), str(work / "out"), load_config(None, {"model": model, "train": train}),
                            labels=str(labels))
     cfg = work / "served.yaml"
-    # Small CPU reservations: the session's service may already hold part of the 2 CPUs.
-    build = {"decode_num_cpus": 0.25, "actor_num_cpus": 0.25, "max_actors": 1, "shard_task_cpus": 0.25}
-    cfg.write_text(yaml.safe_dump({"model": {**model, "weights": summary["model"]}, "index": {"factory": "Flat"},
-                                   "build": build}))
+    # Default build reservations: with the session's service holding part of the 2 CPUs, the build
+    # must scale them to what is free rather than wait forever (indexing.build.fit_to_free_cpus).
+    cfg.write_text(yaml.safe_dump({"model": {**model, "weights": summary["model"]}, "index": {"factory": "Flat"}}))
     index_dir = work / "index"
     assert indexing_main(["build", "--images", str(root), "--index-dir", str(index_dir), "--shards", "2",
                           "--config", str(cfg)]) == 0
