@@ -51,6 +51,10 @@ def ingest(images: str, url: str, token: str, extensions: tuple[str, ...], concu
             LOG.warning("%s: %s %s", uri, r.status_code, r.text[:200])
             if r.status_code in (401, 403):
                 raise PermissionError(f"the service refused the write token: {r.text[:200]}")
+            if r.status_code == 422 and r.json().get("error", {}).get("code") == "invalid_uri":
+                # Every file of this folder would be refused the same way: say how to allow it.
+                raise ValueError(f"the service refuses uris under {images}: {r.json()['error']['message']} "
+                                 f"(add {images} to serve.uri_roots of the service's config)")
             return "failed"
 
         with ThreadPoolExecutor(concurrency) as pool:
