@@ -1,8 +1,10 @@
 """Continuous indexing over real HTTP: tokens, upserts, deletes, flags, durability, concurrency, ingest."""
 import os
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -171,6 +173,15 @@ def test_ingest_adds_new_images_once(service, tmp_path, capsys):
     (tmp_path / "new3.jpg").write_bytes(picture(7003))
     assert indexing_main(["ingest", "--images", str(tmp_path), "--url", service, "--token", "bad"]) == 2
     assert "refused the write token" in capsys.readouterr().err
+    import tempfile
+
+    elsewhere = tempfile.mkdtemp(prefix="not-a-root-")  # outside the index's folders and serve.uri_roots
+    try:
+        (Path(elsewhere) / "x.jpg").write_bytes(picture(7004))
+        assert indexing_main(["ingest", "--images", elsewhere, "--url", service, "--token", WRITE_TOKEN]) == 2
+        assert "serve.uri_roots" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(elsewhere)
     from indexing.ids import id_from_path
 
     with httpx.Client(base_url=service) as c:
