@@ -39,7 +39,8 @@ class Embedder:
 
     def prepare(self, data: bytes) -> np.ndarray:
         """Decode untrusted bytes into the (S, S, 3) uint8 array the model takes."""
-        img = decode_image(data, max_bytes=self.decode_cfg.max_bytes, max_pixels=self.decode_cfg.max_pixels)
+        img = decode_image(data, max_bytes=self.decode_cfg.max_bytes, max_pixels=self.decode_cfg.max_pixels,
+                           draft=self.cfg.image_size)
         return resize_rgb(img, self.cfg.image_size)
 
     @torch.inference_mode()

@@ -137,7 +137,8 @@ def preload(root: str, paths: list[str], size: int, decode: DecodeConfig) -> np.
     for i, p in enumerate(paths):
         with open(os.path.join(root, p), "rb") as f:
             try:
-                out[i] = resize_rgb(decode_image(f.read(), max_bytes=decode.max_bytes, max_pixels=decode.max_pixels), size)
+                img = decode_image(f.read(), max_bytes=decode.max_bytes, max_pixels=decode.max_pixels, draft=size)
+                out[i] = resize_rgb(img, size)
             except ImageDecodeError as e:
                 raise TrainError(f"{os.path.join(root, p)}: {e}") from None
     return out

@@ -68,7 +68,8 @@ def copy_hash_report(originals: list[bytes], image_size: int, threshold: int, de
 
     def hashes(blobs: list[bytes]) -> np.ndarray:
         return np.array([perceptual_hash(resize_rgb(decode_image(b, max_bytes=decode.max_bytes,
-                                                                 max_pixels=decode.max_pixels), image_size))
+                                                                 max_pixels=decode.max_pixels, draft=image_size),
+                                                    image_size))
                          for b in blobs], np.int64)
 
     def row(case: str, d: np.ndarray) -> dict:

@@ -95,9 +95,9 @@ def decode_batch(batch: dict, *, root: str, scheme: str, image_size: int, decode
         out["uri"].append(scheme + str(path))
         out["sha256"].append(hashlib.sha256(data).hexdigest())
         try:
-            img = decode_image(data, **decode)
-            out["width"].append(img.width)
-            out["height"].append(img.height)
+            img = decode_image(data, **decode, draft=image_size)  # the decode Embedder.prepare does
+            out["width"].append(img.info["full_size"][0])
+            out["height"].append(img.info["full_size"][1])
             pixels[i] = resize_rgb(img, image_size)
             out["phash"].append(perceptual_hash(pixels[i]))
             out["error"].append("")

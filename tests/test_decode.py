@@ -42,7 +42,7 @@ def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     out = decode_image(encode(img, "JPEG", exif=exif.tobytes()), **LIMITS)
-    assert out.size == (20, 60)
+    assert out.size == out.info["full_size"] == (20, 60)
 
 
 def test_animated_gif_gives_first_frame():
@@ -87,3 +87,16 @@ def test_a_container_format_is_refused_before_its_inner_image_decodes():
         decode_image(data, **LIMITS)
     with pytest.raises(ImageDecodeError, match="format ICO is not accepted"):
         decode_image(encode(Image.new("RGB", (32, 32)), "ICO"), **LIMITS)
+
+
+def test_a_large_jpeg_decodes_at_the_scale_the_model_needs():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    photo = encode(Image.fromarray(small).resize((4000, 3000), Image.BILINEAR), "JPEG", quality=90)
+    full = decode_image(photo, **{**LIMITS, "max_pixels": 20_000_000})
+    fast = decode_image(photo, **{**LIMITS, "max_pixels": 20_000_000}, draft=224)
+    assert full.size == (4000, 3000) and fast.size == (500, 375)  # 1/8: the smallest that covers 224
+    assert fast.info["full_size"] == full.info["full_size"] == (4000, 3000)
+    a = np.asarray(full.resize((224, 224), Image.BILINEAR, reducing_gap=3.0), dtype=np.float32)
+    b = np.asarray(fast.resize((224, 224), Image.BILINEAR, reducing_gap=3.0), dtype=np.float32)
+    assert np.abs(a - b).mean() < 3  # the same picture for the model
