@@ -302,14 +302,18 @@ def build_from_vectors(
     return BuildSummary(m.total, 0, time.time() - t0, m)
 
 
-def fit_to_free_cpus(b: BuildConfig, use_gpu: bool) -> BuildConfig:
+def fit_to_free_cpus(b: BuildConfig, use_gpu: bool, wait_s: float = 30.0) -> BuildConfig:
     """The build's CPU reservations, scaled down when the cluster has fewer CPUs free than one
     embedding actor plus one decode task need (a service holding part of a small machine): the
-    actor pool would wait for CPUs that never free up, and the build would hang without a word."""
+    actor pool would wait for CPUs that never free up, and the build would hang without a word.
+    Waits up to `wait_s` first for CPUs that are about to free up."""
     import ray
 
     need = (0 if use_gpu else b.actor_num_cpus * b.min_actors) + b.decode_num_cpus
-    free = ray.available_resources().get("CPU", 0.0)
+    free, deadline = ray.available_resources().get("CPU", 0.0), time.time() + wait_s
+    while free < need and time.time() < deadline:  # actors of a job that just ended are still going
+        time.sleep(1)
+        free = ray.available_resources().get("CPU", 0.0)
     if free >= need:
         return b
     if free < 0.1:
