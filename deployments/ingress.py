@@ -101,7 +101,8 @@ class Ingress:
         finish on the application they started with."""
         self.routing = Routing.model_validate(config)
         LOG.info("serving index application %s (writes %s)", self.routing.index_app,
-                 "paused" if self.routing.writes_paused else "open")
+                 "disabled: no write token" if not self.write_tokens
+                 else "paused" if self.routing.writes_paused else "open to write-token holders")
 
     def current_routing(self) -> dict:
         """The applied user_config and the writes still in flight, so a switch can tell when every
@@ -163,7 +164,9 @@ class Ingress:
 
     def _authorize_write(self, request: Request) -> None:
         if not self.write_tokens:
-            raise ApiError(403, "writes_disabled", "no write tokens are configured: this service is read-only")
+            raise ApiError(403, "writes_disabled", "no write tokens are configured, so this service is read-only: "
+                           "start it with IMSEARCH_WRITE_TOKENS=<token> in its environment (e.g. "
+                           "`IMSEARCH_WRITE_TOKENS=s3cret make run`), or set serve.write_tokens or serve.tokens_file")
         check_token(request, self.write_tokens, what="writes")
 
     # ------------------------------------------------------------------ search

@@ -70,10 +70,10 @@ def _cmd_ann(args) -> int:
 def _cmd_edits(args) -> int:
     from embedding.embedder import Embedder
     from evaluation.edits import HEAVY_EDITS, near_duplicate_recall
-    from evaluation.run import _read_csv, read_images
+    from evaluation.run import read_csv, read_images
 
     root = args.root or os.path.dirname(os.path.abspath(args.labels))
-    paths = [r[0] for r in _read_csv(args.labels)][:: args.every]
+    paths = [r[0] for r in read_csv(args.labels, ("path",))][:: args.every]
     originals = read_images(root, paths)
     emb = Embedder(load_config(args.config).model)
     edit = dict(scale=args.scale, quality=args.quality, crop=args.crop, rotate=args.rotate, hue=args.hue,
@@ -87,10 +87,10 @@ def _cmd_edits(args) -> int:
 
 def _cmd_copies(args) -> int:
     from evaluation.edits import copy_hash_report
-    from evaluation.run import _read_csv, read_images
+    from evaluation.run import read_csv, read_images
 
     root = args.root or os.path.dirname(os.path.abspath(args.labels))
-    paths = [r[0] for r in _read_csv(args.labels)][:: args.every]
+    paths = [r[0] for r in read_csv(args.labels, ("path",))][:: args.every]
     cfg = load_config(args.config)
     bits = cfg.serve.near_duplicate_bits if args.bits is None else args.bits
     if bits is None:

@@ -32,18 +32,23 @@ class Judgements:
     meta: dict = field(default_factory=dict)
 
 
-def _read_csv(path: str) -> list[list[str]]:
+def read_csv(path: str, header: Sequence[str]) -> list[list[str]]:
+    """The rows of a CSV whose first row must start with `header`: a file without it would
+    silently lose its first row as one, so it is refused, naming the header it needs."""
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    if not rows or [c.strip() for c in rows[0][: len(header)]] != list(header):
+        got = ",".join(rows[0]) if rows else "an empty file"
+        raise ValueError(f"{path}: the first row must be the header {','.join(header)} (got {got!r})")
     if len(rows) < 2:
-        raise ValueError(f"{path}: expected a header and at least one row")
+        raise ValueError(f"{path}: a header and no rows")
     return rows[1:]
 
 
 def category_judgements(labels_csv: str, queries_list: Optional[str] = None) -> Judgements:
     """`path,category` rows, leave-one-out: every image (or each one `queries_list` names, one path
     per line) queries all the others; same category is relevant."""
-    rows = _read_csv(labels_csv)
+    rows = read_csv(labels_csv, ("path", "category"))
     if any(len(r) < 2 for r in rows):
         raise ValueError(f"{labels_csv}: every row needs path,category")
     queries = None
@@ -71,9 +76,9 @@ def labelled_judgements(rows: Sequence[tuple[str, str]], queries: Optional[Seque
 
 
 def pair_judgements(pairs_csv: str, database_list: Optional[str] = None) -> Judgements:
-    """`query,relevant` rows (instance level). The database is `database_list` (one path per line)
+    """`query,relevant` rows after a header starting with `query` (instance level). The database is `database_list` (one path per line)
     or, by default, every image named as relevant."""
-    rows = _read_csv(pairs_csv)
+    rows = read_csv(pairs_csv, ("query",))  # then the relevant image (e.g. relevant_model)
     relevant: dict[str, set[str]] = {}
     for q, r, *_ in rows:
         relevant.setdefault(q, set()).add(r)
@@ -168,7 +173,8 @@ def service_searcher(root: str, url: str, token: Optional[str] = None) -> Search
                             headers={"content-type": "application/octet-stream"})
             if r.status_code != 200:
                 raise ValueError(f"{url} answered {r.status_code} to a search: {r.text[:500]}")
-            out.append([rel(h["uri"]) for h in r.json()["results"]])
+            # An image written without a uri cannot be a labelled one: it counts as a miss.
+            out.append([rel(h["uri"]) if h["uri"] else f"<id {h['id']}>" for h in r.json()["results"]])
         return out
 
     return search
@@ -178,8 +184,12 @@ def read_images(root: str, paths: Sequence[str]) -> list[bytes]:
     """The bytes of image files named relative to root."""
     out = []
     for p in paths:
-        with open(os.path.join(root, p), "rb") as f:
-            out.append(f.read())
+        try:
+            with open(os.path.join(root, p), "rb") as f:
+                out.append(f.read())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{os.path.join(root, p)} does not exist: paths in the CSV are relative to "
+                                    "--root (default: the CSV's folder)") from None
     return out
 
 
@@ -196,6 +206,10 @@ def run_evaluation(judged: Judgements, search: Searcher, k: int = 10, recall_ks:
     ranked = search(judged.queries, depth + (1 if judged.exclude_self else 0))
     if judged.exclude_self:
         ranked = [[p for p in lst if p != q][:depth] for q, lst in zip(judged.queries, ranked)]
+    database = set(judged.database)
+    if ranked and not any(p in database for lst in ranked for p in lst):
+        raise ValueError(f"none of the {sum(map(len, ranked))} results is one of the {len(database)} labelled images: "
+                         "the index holds other images, or its uris do not resolve under --root")
     result = score(judged, ranked, k, recall_ks)
     result.update(protocol=judged.protocol, database=len(judged.database), depth=depth,
                   seconds=round(time.time() - t0, 2), **judged.meta)

@@ -32,6 +32,11 @@ def _cmd_build(args) -> int:
         _init_ray(args.address)
         summary = build_from_vectors(vectors, ids, args.index_dir, cfg, args.shards, args.factory)
     else:
+        from indexing import storage
+
+        storage.check_folder(args.images)  # a missing folder fails before Ray starts, not after
+        if storage.is_local(args.images) and next(storage.list_files(args.images, cfg.build.extensions), None) is None:
+            raise UsageError(f"no images with endings {list(cfg.build.extensions)} under {args.images}")
         _init_ray(args.address)
         summary = build_from_images(args.images, args.index_dir, cfg, args.shards, args.factory)
     print(summary.line(), flush=True)
@@ -43,9 +48,11 @@ def _cmd_ingest(args) -> int:
 
     from indexing.ingest import ingest
 
-    token = args.token or os.environ.get("IMSEARCH_TOKEN")
+    # The service's own variable works too (its first token), so one export serves both sides.
+    token = args.token or os.environ.get("IMSEARCH_TOKEN") or os.environ.get("IMSEARCH_WRITE_TOKENS", "").split(",")[0].strip()
     if not token:
-        raise UsageError("a write token is needed: --token or the environment variable IMSEARCH_TOKEN")
+        raise UsageError("a write token is needed: --token, or the environment variable IMSEARCH_WRITE_TOKENS "
+                         "(the one the service reads) or IMSEARCH_TOKEN")
     cfg = load_config(args.config)
     import httpx
 
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
     g = sub.add_parser("ingest", help="send new images to a running service through its write API")
     g.add_argument("--images", required=True, help="folder or URI prefix of new images")
     g.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
-    g.add_argument("--token", help="write token (default: env IMSEARCH_TOKEN)")
+    g.add_argument("--token", help="write token (default: env IMSEARCH_TOKEN, else the first of IMSEARCH_WRITE_TOKENS)")
     g.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     g.add_argument("--config", help="YAML config (image file endings)")
     g.set_defaults(fn=_cmd_ingest)

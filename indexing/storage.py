@@ -108,14 +108,21 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def list_files(uri: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, str]]:
-    """Yield (full path or URI, path relative to `uri`) for files under `uri` with one of `extensions`."""
+def check_folder(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a folder or prefix that exists; FileNotFoundError or NotADirectoryError
+    otherwise. One metadata call: jobs run it before starting Ray, so a typo fails in a second."""
     fs, root = resolve(uri)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no such folder or prefix: {uri}")
     if info.type == pafs.FileType.File:
         raise NotADirectoryError(f"--images must be a folder or prefix, not a file: {uri}")
+    return fs, root
+
+
+def list_files(uri: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """Yield (full path or URI, path relative to `uri`) for files under `uri` with one of `extensions`."""
+    fs, root = check_folder(uri)
     prefix = uri.split("://", 1)[0] + "://" if "://" in uri and not uri.startswith("file://") else ""
     exts = tuple(e.lower() for e in extensions)
     for fi in sorted(fs.get_file_info(pafs.FileSelector(root, recursive=True)), key=lambda f: f.path):

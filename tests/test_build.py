@@ -88,3 +88,16 @@ def test_edited_copies_find_their_original(image_index, embedder):
 def test_missing_folder_is_a_cli_error(ray_session, tmp_path, capsys):
     assert indexing_main(["build", "--images", str(tmp_path / "nope"), "--index-dir", str(tmp_path / "ix")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder,message", [("nope", "no such folder"), ("empty", "no images with endings")])
+def test_bad_images_folder_fails_before_ray_starts(tmp_path, folder, message):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    r = subprocess.run([sys.executable, "-m", "indexing", "build", "--images", str(tmp_path / folder),
+                        "--index-dir", str(tmp_path / "ix")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr
+    assert "Ray" not in r.stderr  # no local Ray was started to find that out

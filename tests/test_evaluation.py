@@ -71,3 +71,26 @@ def test_ann_sweep_recall_grows_with_nprobe(ray_session, tmp_path, rng):
     assert evaluation_main(["ann", "--index-dir", str(tmp_path / "ix"), "--nprobe", "1", "8",
                             "--queries", "50", "--out", str(tmp_path / "ann")]) == 0
     assert (tmp_path / "ann" / "ann.png").stat().st_size > 0
+
+
+def test_csv_without_header_and_wrong_root_are_named(labelled, tmp_path, capsys):
+    root, paths = labelled
+    bare = tmp_path / "bare.csv"
+    bare.write_text("".join(f"{p},{p.split('/')[0]}\n" for p in paths))  # no header: its first row would vanish
+    assert evaluation_main(["run", "--labels", str(bare), "--root", str(root), "--leave-one-out"]) == 2
+    assert "first row must be the header path,category" in capsys.readouterr().err
+    good = tmp_path / "good.csv"
+    good.write_text("path,category\n" + "".join(f"{p},{p.split('/')[0]}\n" for p in paths))
+    assert evaluation_main(["edits", "--labels", str(good)]) == 2  # paths relative to tmp_path: wrong root
+    assert "relative to --root" in capsys.readouterr().err
+
+
+def test_url_holding_none_of_the_labelled_images_is_an_error(service, tmp_path, capsys):
+    from tests.images import picture
+
+    for i in range(3):
+        (tmp_path / f"other{i}.jpg").write_bytes(picture(500 + i))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,category\n" + "".join(f"other{i}.jpg,x\n" for i in range(3)))
+    assert evaluation_main(["run", "--labels", str(labels), "--leave-one-out", "--url", service]) == 2
+    assert "none of the" in capsys.readouterr().err  # not a table of zeros

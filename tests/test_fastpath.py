@@ -147,3 +147,9 @@ def test_largest_request_is_bounded_and_others_keep_flowing(service, vectors):
         thread.join()
     assert r.status_code == 200 and len(r.json()["results"]) == 256 and took < 30
     assert small and all(s == 200 for s in small)
+
+
+def test_a_read_only_service_says_how_to_enable_writes(tight_front):
+    r = httpx.put(f"{tight_front}/images/1", content=b"x", headers={"content-type": "image/jpeg"}, timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "writes_disabled"
+    assert "IMSEARCH_WRITE_TOKENS" in r.json()["error"]["message"]

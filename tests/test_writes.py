@@ -187,3 +187,15 @@ def test_ingest_adds_new_images_once(service, tmp_path, capsys):
     with httpx.Client(base_url=service) as c:
         for n in range(3):
             assert c.delete(f"/images/{id_from_path(f'new{n}.jpg')}", headers=AUTH).status_code == 200
+
+
+def test_ingest_takes_the_token_variable_the_service_reads(service, tmp_path, monkeypatch, capsys):
+    from indexing.ids import id_from_path
+
+    (tmp_path / "solo.jpg").write_bytes(picture(7100))
+    monkeypatch.delenv("IMSEARCH_TOKEN", raising=False)
+    monkeypatch.setenv("IMSEARCH_WRITE_TOKENS", f"{WRITE_TOKEN},another")
+    assert indexing_main(["ingest", "--images", str(tmp_path), "--url", service]) == 0
+    assert "added 1" in capsys.readouterr().out
+    with httpx.Client(base_url=service) as c:
+        assert c.delete(f"/images/{id_from_path('solo.jpg')}", headers=AUTH).status_code == 200
