@@ -54,8 +54,9 @@ class Record:
         payload = json.dumps(head).encode() + b"\n"
         if self.vector is not None:
             payload += np.ascontiguousarray(self.vector, dtype=np.float32).tobytes()
-        head = struct.pack("<4sII", MAGIC, len(payload), zlib.crc32(payload))
-        return head + struct.pack("<I", zlib.crc32(head)) + payload
+        # The current header is the first format's 12 bytes followed by their own checksum.
+        prefix = _LEGACY_HEAD.pack(MAGIC, len(payload), zlib.crc32(payload))
+        return prefix + struct.pack("<I", zlib.crc32(prefix)) + payload
 
     @classmethod
     def decode(cls, payload: bytes) -> "Record":
