@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     if not wait_healthy(url, args.timeout_s):
         print(f"error: the service at {url} did not become healthy in {args.timeout_s:.0f} s", file=sys.stderr)
         return 1
-    sample = next(Path(index_dir or ".").parent.glob("demo-images/*/original.jpg"), None)
+    sample = next(iter(sorted(Path(index_dir or ".").parent.glob("demo-images/*/original.jpg"))), None)
     print(f"\nimage search is up at {url}\n")
     print(f"  curl -s -X POST '{url}/search?k=5' -H 'Content-Type: image/jpeg' --data-binary @{sample or 'photo.jpg'}")
     print(f"  curl -s {url}/stats\n\nCtrl-C stops it.", flush=True)

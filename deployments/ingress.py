@@ -30,7 +30,9 @@ from deployments.http import (
 )
 from deployments import openapi
 from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, rank, run_batch, within
+from indexing.ids import id_from_bytes, id_from_path
 from indexing.live import SealedError
+from indexing.storage import relative_to
 
 LOG = logging.getLogger("ray.serve")
 # Routes that stay open when the Ingress is at its in-flight limit: operators need them most then.
@@ -87,6 +89,7 @@ class Ingress:
         self.write_tokens = frozenset(write_tokens)
         self.read_tokens = frozenset(read_tokens) | self.write_tokens if read_tokens else None
         self.routes = [
+            Route("/images", self.add_image, methods=["POST"]),
             Route("/images/{id}", self.image, methods=["GET", "PUT", "DELETE", "PATCH"]),
             Route("/search", self.search_image, methods=["POST"]),
             Route("/search/vector", self.search_vector, methods=["POST"]),
@@ -177,7 +180,7 @@ class Ingress:
         return await run_batch(queries)
 
     async def _search(self, queries: np.ndarray, k: int, nprobe, exclude_sha256=None, dedupe=True):
-        """Batch, fan out, merge, rank: (results per query, partial)."""
+        """Batch, fan out, merge, rank: (results per query, copies collapsed per query, partial)."""
         if len(queries) * k > self.cfg.max_hits_per_request:
             raise ApiError(422, "too_much_work", f"{len(queries)} queries x k={k} asks for {len(queries) * k} "
                            f"results; the limit per request is {self.cfg.max_hits_per_request}")
@@ -190,8 +193,9 @@ class Ingress:
             raise ApiError(503, "shards_unavailable", str(hits), headers={"Retry-After": "2"})
         if isinstance(hits, Exception):
             raise hits
-        results = rank(hits, k, copy_bits=self.cfg.near_duplicate_bits, exclude_sha256=exclude_sha256, dedupe=dedupe)
-        return results, hits.partial
+        results, collapsed = rank(hits, k, copy_bits=self.cfg.near_duplicate_bits, exclude_sha256=exclude_sha256,
+                                  dedupe=dedupe)
+        return results, collapsed, hits.partial
 
     async def _embed_upload(self, request: Request) -> tuple[np.ndarray, bytes, int]:
         data = await read_image(request, self.decode.max_bytes)
@@ -219,8 +223,8 @@ class Ingress:
         dedupe = parse_bool(q.get("dedupe"), True, "dedupe")
         vector, data, _ = await self._embed_upload(request)
         own = hashlib.sha256(data).hexdigest() if exclude_self else None
-        results, partial = await self._search(vector[None, :], k, nprobe, own, dedupe)
-        return JSONResponse({"results": results[0], "partial": partial, "took_ms": _ms(t0)})
+        results, collapsed, partial = await self._search(vector[None, :], k, nprobe, own, dedupe)
+        return JSONResponse({"results": results[0], "collapsed": collapsed[0], "partial": partial, "took_ms": _ms(t0)})
 
     async def embed(self, request: Request) -> Response:
         """The query vector of an uploaded image, for clients that keep their own vectors."""
@@ -242,8 +246,10 @@ class Ingress:
         k = parse_k(obj.get("k", q.get("k")), self.cfg.default_k, self.cfg.max_k)
         nprobe = self._nprobe(obj.get("nprobe", q.get("nprobe")))
         dedupe = parse_bool(obj.get("dedupe", q.get("dedupe")), True, "dedupe")
-        results, partial = await self._search(x, k, nprobe, None, dedupe)
-        return JSONResponse({"results": results if batched else results[0], "partial": partial, "took_ms": _ms(t0)})
+        results, collapsed, partial = await self._search(x, k, nprobe, None, dedupe)
+        if not batched:
+            results, collapsed = results[0], collapsed[0]
+        return JSONResponse({"results": results, "collapsed": collapsed, "partial": partial, "took_ms": _ms(t0)})
 
     # ------------------------------------------------------------------ writes and lookups
 
@@ -271,6 +277,27 @@ class Ingress:
         finally:
             self.writes_in_flight -= 1
 
+    async def _writer_uri(self, request: Request) -> str:
+        info = (await self._index()).info
+        return parse_uri(request.query_params.get("uri"), self.cfg.uri_schemes, self.cfg.uri_roots + info.get("sources", []))
+
+    async def _upsert(self, id_: int, vector, uri: str, data: bytes, phash, **extra) -> Response:
+        existed = await self._write("upsert", id_, vector, uri, hashlib.sha256(data).hexdigest(), None, None, phash)
+        return JSONResponse({"id": id_, "created": not existed, **extra}, status_code=200 if existed else 201)
+
+    async def add_image(self, request: Request) -> Response:
+        """POST /images: add an image under an id the service derives, returned in the answer. A
+        `uri` under a folder the index was built from gets the id the build gives that path (so
+        an indexed file is recognised, not duplicated); otherwise the id is a hash of the bytes, so
+        a retried upload names the same image."""
+        self._authorize_write(request)
+        uri = await self._writer_uri(request)
+        rel = relative_to(uri, (await self._index()).info.get("sources", [])) if uri else None
+        vector, data, phash = await self._embed_upload(request)
+        if rel not in (None, "."):
+            return await self._upsert(id_from_path(rel), vector, uri, data, phash, id_from="path")
+        return await self._upsert(id_from_bytes(data), vector, uri, data, phash, id_from="content")
+
     async def image(self, request: Request) -> Response:
         """GET (metadata), PUT (add or replace), DELETE and PATCH (flags) of one image id."""
         id_ = parse_image_id(request.path_params["id"])
@@ -285,12 +312,9 @@ class Ingress:
             return JSONResponse(meta)
         self._authorize_write(request)
         if request.method == "PUT":
-            info = (await self._index()).info
-            uri = parse_uri(request.query_params.get("uri"), self.cfg.uri_schemes,
-                            self.cfg.uri_roots + info.get("sources", []))
+            uri = await self._writer_uri(request)
             vector, data, phash = await self._embed_upload(request)
-            existed = await self._write("upsert", id_, vector, uri, hashlib.sha256(data).hexdigest(), None, None, phash)
-            return JSONResponse({"id": id_, "created": not existed}, status_code=200 if existed else 201)
+            return await self._upsert(id_, vector, uri, data, phash)
         if request.method == "DELETE":
             if not await self._write("delete", id_):
                 raise ApiError(404, "not_found", f"no image {id_}")

@@ -14,8 +14,10 @@ ERROR = {
 HIT = {"type": "object", "required": ["id", "score", "uri"],
        "properties": {"id": {"type": "integer"}, "score": {"type": "number", "nullable": True}, "uri": {"type": "string"}}}
 HITS = {"type": "array", "items": HIT}
-SEARCH = {"type": "object", "required": ["results", "partial", "took_ms"],
+SEARCH = {"type": "object", "required": ["results", "collapsed", "partial", "took_ms"],
           "properties": {"results": {"oneOf": [HITS, {"type": "array", "items": HITS}]},
+                         "collapsed": {"oneOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}}],
+                                       "description": "hits folded into a better result as copies of it"},
                          "partial": {"type": "boolean"}, "took_ms": {"type": "number"}}}
 IMAGE_META = {
     "type": "object", "required": ["id", "uri", "sha256", "private", "unsafe"],
@@ -51,6 +53,7 @@ def _query(name: str, schema: dict, description: str) -> dict:
 K = _query("k", {"type": "integer", "minimum": 1}, "results per query (at most serve.max_k)")
 NPROBE = _query("nprobe", {"type": "integer", "minimum": 1}, "IVF cells to visit (at most serve.max_nprobe)")
 DEDUPE = _query("dedupe", {"type": "boolean"}, "collapse copies (default true)")
+URI = _query("uri", {"type": "string", "maxLength": 2048}, "where the image lives")
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0},
       "description": "image id (int64)"}
 # Every answer the admission and deadline machinery can give, on top of an operation's own errors.
@@ -84,13 +87,21 @@ def document() -> dict:
                 "responses": {"200": _json({"type": "object", "required": ["vector", "dim", "took_ms"], "properties": {
                     "vector": {"type": "array", "items": {"type": "number"}}, "dim": {"type": "integer"},
                     "took_ms": {"type": "number"}}}, "the query vector"), **_errors(*COMMON)}}},
+            "/images": {"post": {
+                "summary": "Add an image under an id the service derives (from its path under an indexed folder, "
+                           "else from its bytes)", "security": BEARER, "requestBody": IMAGE_BODY,
+                "parameters": [URI],
+                "responses": {k: _json({"type": "object", "required": ["id", "created", "id_from"], "properties": {
+                    "id": {"type": "integer"}, "created": {"type": "boolean"},
+                    "id_from": {"type": "string", "enum": ["path", "content"]}}}, d)
+                    for k, d in (("200", "already held: replaced"), ("201", "added"))} | _errors(*COMMON)}},
             "/images/{id}": {
                 "parameters": [ID],
                 "get": {"summary": "Metadata of an image (404 for private or unsafe ones without a write token)",
                         "security": BEARER + [{}],
                         "responses": {"200": _json(IMAGE_META, "the image's metadata"), **_errors(*COMMON)}},
                 "put": {"summary": "Add or replace an image", "security": BEARER, "requestBody": IMAGE_BODY,
-                        "parameters": [_query("uri", {"type": "string", "maxLength": 2048}, "where the image lives")],
+                        "parameters": [URI],
                         "responses": {k: _json({"type": "object", "required": ["id", "created"], "properties": {
                             "id": {"type": "integer"}, "created": {"type": "boolean"}}}, d)
                             for k, d in (("200", "replaced"), ("201", "added"))} | _errors(*COMMON)},

@@ -157,7 +157,7 @@ async def run_batch(queries: list[Query]) -> list[Any]:
 
 
 def rank(hits: Hits, k: int, *, copy_bits: Optional[int], exclude_sha256: Optional[str] = None,
-         dedupe: bool = True) -> list[list[dict]]:
-    """The ranking policy (indexing.policy) on one query's merged hits: result dicts per query."""
+         dedupe: bool = True) -> tuple[list[list[dict]], list[int]]:
+    """The ranking policy (indexing.policy) on merged hits: result dicts and collapsed copies per query."""
     return rank_results(hits.scores, hits.ids, k, hits.meta, copy_bits=copy_bits, exclude_sha256=exclude_sha256,
                         dedupe=dedupe)

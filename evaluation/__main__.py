@@ -36,6 +36,9 @@ def _cmd_run(args) -> int:
     else:
         import ray
 
+        from evaluation.run import read_images
+
+        read_images(root, judged.database[:1] + judged.database[-1:])  # a wrong --root fails before Ray starts
         if not ray.is_initialized():
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
         search, factory = in_process_searcher(root, judged.database, cfg, args.factory)

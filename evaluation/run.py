@@ -148,7 +148,7 @@ def in_process_searcher(
             cache.update(zip(missing, embed_paths(emb, root, missing)))
         q = np.stack([cache[p] for p in queries])
         D, I = ix.search(q, min(depth * cfg.serve.dedupe_fetch_factor, ix.ntotal))
-        ranked = rank_results(D, I, depth, meta, copy_bits=cfg.serve.near_duplicate_bits)
+        ranked, _ = rank_results(D, I, depth, meta, copy_bits=cfg.serve.near_duplicate_bits)
         return [[r["uri"] for r in row] for row in ranked]
 
     return search, ix.manifest.factory

@@ -57,18 +57,24 @@ def _cmd_ingest(args) -> int:
     import httpx
 
     try:
-        summary = ingest(args.images, args.url, token, cfg.build.extensions, args.concurrency)
+        summary = ingest(args.images, args.url, token, cfg.build.extensions, args.concurrency, args.prefix, args.replace)
     except httpx.HTTPError as e:
         raise UsageError(f"cannot talk to the service at {args.url}: {e}") from None
     print(summary.line(), flush=True)
-    return 0 if summary.failed == 0 else 1
+    if summary.collisions:
+        print(f"error: {len(summary.collisions)} files derive the id of an indexed image with other bytes, and were "
+              "not sent: give this folder ids of its own with --prefix NAME, or overwrite with --replace:\n  "
+              + "\n  ".join(summary.collisions[:20]), file=sys.stderr)
+    return 0 if summary.failed == summary.collided == 0 else 1
 
 
 def _cmd_rebalance(args) -> int:
+    from indexing.manifest import read_manifest
     from indexing.rebalance import rebalance
 
     if args.shards < 1:
         raise UsageError(f"--shards must be >= 1, got {args.shards}")
+    read_manifest(args.index_dir)  # no index there fails now, not after Ray has started
     _init_ray(args.address)
     cfg = load_config(args.config)
     m = rebalance(args.index_dir, args.shards, task_cpus=cfg.build.shard_task_cpus)
@@ -122,6 +128,10 @@ def main(argv=None) -> int:
     g.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
     g.add_argument("--token", help="write token (default: env IMSEARCH_TOKEN, else the first of IMSEARCH_WRITE_TOKENS)")
     g.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    g.add_argument("--prefix", default="", help="namespace for this folder's ids: id = hash(PREFIX/relative path), "
+                   "so files named like indexed ones (another camera's IMG_0001.jpg) get ids of their own")
+    g.add_argument("--replace", action="store_true",
+                   help="overwrite an indexed image whose id a different file here derives (default: report it)")
     g.add_argument("--config", help="YAML config (image file endings)")
     g.set_defaults(fn=_cmd_ingest)
     r = sub.add_parser("rebalance", help="redistribute the vectors over M shards (no re-embedding)")

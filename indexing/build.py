@@ -302,6 +302,15 @@ def build_from_vectors(
     return BuildSummary(m.total, 0, time.time() - t0, m)
 
 
+class _CpuAlarmFilter(logging.Filter):
+    """Drops Ray Data's "no available CPUs ... the Dataset job will hang" warning. Ray Data checks
+    free CPUs again when the write stage starts, while the finished embedding actors still hold
+    theirs, so a healthy build printed it every time; fit_to_free_cpus makes the real check."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "does not have any available CPUs" not in record.getMessage()
+
+
 def fit_to_free_cpus(b: BuildConfig, use_gpu: bool, wait_s: float = 30.0) -> BuildConfig:
     """The build's CPU reservations, scaled down when the cluster has fewer CPUs free than one
     embedding actor plus one decode task need (a service holding part of a small machine): the
@@ -309,6 +318,9 @@ def fit_to_free_cpus(b: BuildConfig, use_gpu: bool, wait_s: float = 30.0) -> Bui
     Waits up to `wait_s` first for CPUs that are about to free up."""
     import ray
 
+    ray_data_log = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, _CpuAlarmFilter) for f in ray_data_log.filters):
+        ray_data_log.addFilter(_CpuAlarmFilter())
     need = (0 if use_gpu else b.actor_num_cpus * b.min_actors) + b.decode_num_cpus
     free, deadline = ray.available_resources().get("CPU", 0.0), time.time() + wait_s
     while free < need and time.time() < deadline:  # actors of a job that just ended are still going

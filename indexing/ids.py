@@ -1,4 +1,4 @@
-"""Ids and placement: id = hash(relative path), slot = mix64(id) % S, shard = slot_table[slot].
+"""Ids and placement: id = hash(relative path) (or of the bytes, for uploads with no path), slot = mix64(id) % S, shard = slot_table[slot].
 
 Build, online writes and rebalancing all place an id through `shard_of`, so they agree.
 """
@@ -20,6 +20,12 @@ def id_from_path(rel_path: str) -> int:
     """
     digest = hashlib.blake2b(rel_path.replace("\\", "/").encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def id_from_bytes(data: bytes) -> int:
+    """Stable positive int64 id of an image from its bytes (SHA-256), for uploads with no path
+    under the indexed folders: sending the same file twice names the same image."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def mix64(ids: np.ndarray | Iterable[int]) -> np.ndarray:

@@ -18,27 +18,33 @@ from embedding.copies import hash_distance
 def rank_results(
     scores: np.ndarray, ids: np.ndarray, k: int, meta: dict, *, copy_bits: Optional[int] = None,
     exclude_sha256: Optional[str] = None, dedupe: bool = True,
-) -> list[list[dict]]:
-    """Turn merged (n, k') hits into at most k result dicts per query, keeping merge order.
+) -> tuple[list[list[dict]], list[int]]:
+    """Turn merged (n, k') hits into at most k result dicts per query, keeping merge order, and
+    count per query the hits collapsed into a better one before the k-th result (why a query can
+    get fewer than k results from a corpus with more than k images).
 
     `meta` maps id -> (uri, sha256, perceptual hash or None). Drops padding (-1), hits with the
     query's own bytes (`exclude_sha256`), hits whose sha256 repeats a better hit, and, with
     `copy_bits`, hits whose hash differs from a kept hit's in at most that many bits (keep the best).
     `dedupe=False` keeps duplicates: the exact merge order."""
     near = dedupe and copy_bits is not None
-    out = []
+    out, collapsed = [], []
     for row_s, row_i in zip(scores.tolist(), ids.tolist()):
         seen: set[str] = set()
         kept_hashes: list[int] = []
-        results = []
+        results, folded = [], 0
         for s, i in zip(row_s, row_i):
             if i < 0:
                 continue
             uri, sha, phash = meta.get(i, ("", "", None))
-            if sha and (sha == exclude_sha256 or (dedupe and sha in seen)):
+            if sha and sha == exclude_sha256:
+                continue
+            if sha and dedupe and sha in seen:
+                folded += 1
                 continue
             if near and phash is not None:
                 if kept_hashes and int(hash_distance(phash, kept_hashes).min()) <= copy_bits:
+                    folded += 1
                     continue
                 kept_hashes.append(phash)
             if sha:
@@ -47,4 +53,5 @@ def rank_results(
             if len(results) == k:
                 break
         out.append(results)
-    return out
+        collapsed.append(folded)
+    return out, collapsed

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import pyarrow.fs as pafs
 
@@ -20,9 +20,10 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def is_under(uri: str, roots: list[str]) -> bool:
-    """Whether `uri` names something inside one of `roots` (folders or URI prefixes), after
-    normalising away `.` and `..`, so `/data/a/../../etc/passwd` is not under `/data`."""
+def relative_to(uri: str, roots: list[str]) -> Optional[str]:
+    """The path of `uri` relative to the first of `roots` (folders or URI prefixes) holding it,
+    after normalising away `.` and `..` (so `/data/a/../../etc/passwd` is not under `/data`);
+    None when no root holds it. A root itself is relative path ``"."``."""
     def norm(u: str) -> str:
         scheme, sep, path = u.partition("://") if "://" in u else ("", "", u)
         if scheme == "file":
@@ -30,7 +31,17 @@ def is_under(uri: str, roots: list[str]) -> bool:
         return scheme + sep + posixpath.normpath("/" + path.lstrip("/") if not sep else path)
 
     target = norm(uri)
-    return any(target == r or target.startswith(r.rstrip("/") + "/") for r in map(norm, roots) if r)
+    for root in map(norm, roots):
+        if root and target == root:
+            return "."
+        if root and target.startswith(root.rstrip("/") + "/"):
+            return target[len(root.rstrip("/")) + 1 :]
+    return None
+
+
+def is_under(uri: str, roots: list[str]) -> bool:
+    """Whether `uri` names something inside one of `roots` (see relative_to)."""
+    return relative_to(uri, roots) is not None
 
 
 def is_local(uri: str) -> bool:

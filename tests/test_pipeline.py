@@ -100,8 +100,14 @@ def test_rank_collapses_copies_by_hash_and_keeps_order():
                 meta, False)
     # 2 is 3 bits from 1: a copy; 3 has 1's bytes; 4 is 16 bits away: another picture; 5 has no hash;
     # 6 is 9 bits away, one of them the sign bit.
-    assert [r["id"] for r in rank(hits, 6, copy_bits=12)[0]] == [1, 4, 5]
-    assert [r["id"] for r in rank(hits, 6, copy_bits=2)[0]] == [1, 2, 4, 5, 6]
-    assert [r["id"] for r in rank(hits, 6, copy_bits=None)[0]] == [1, 2, 4, 5, 6]  # identical bytes only
-    assert [r["id"] for r in rank(hits, 3, copy_bits=12, dedupe=False)[0]] == [1, 2, 3]
-    assert [r["id"] for r in rank(hits, 3, copy_bits=12, exclude_sha256="s1")[0]] == [2, 4, 5]
+    def ids(k, **kw):
+        results, collapsed = rank(hits, k, **kw)
+        return [r["id"] for r in results[0]], collapsed[0]
+
+    # The answer says how many hits it folded into better ones (results can be fewer than k).
+    assert ids(6, copy_bits=12) == ([1, 4, 5], 3)
+    assert ids(6, copy_bits=2) == ([1, 2, 4, 5, 6], 1)
+    assert ids(6, copy_bits=None) == ([1, 2, 4, 5, 6], 1)  # identical bytes only
+    assert ids(3, copy_bits=12, dedupe=False) == ([1, 2, 3], 0)
+    assert ids(3, copy_bits=12, exclude_sha256="s1") == ([2, 4, 5], 0)  # the query's own bytes are not copies
+    assert ids(2, copy_bits=12) == ([1, 4], 2)  # only hits passed over before the k-th result count

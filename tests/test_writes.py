@@ -199,3 +199,73 @@ def test_ingest_takes_the_token_variable_the_service_reads(service, tmp_path, mo
     assert "added 1" in capsys.readouterr().out
     with httpx.Client(base_url=service) as c:
         assert c.delete(f"/images/{id_from_path('solo.jpg')}", headers=AUTH).status_code == 200
+
+
+def test_post_derives_the_id_from_the_bytes_or_the_indexed_path(client, corpus_dir):
+    import hashlib
+
+    from indexing.ids import id_from_bytes, id_from_path
+
+    data = picture(7200)
+    headers = {**AUTH, "content-type": "image/jpeg"}
+    r = client.post("/images", content=data, headers=headers)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body == {"id": id_from_bytes(data), "created": True, "id_from": "content"}
+    again = client.post("/images", content=data, headers=headers)  # a retry is harmless: same bytes, same id
+    assert again.status_code == 200 and again.json()["id"] == body["id"] and again.json()["created"] is False
+    assert client.get(f"/images/{body['id']}").json()["sha256"] == hashlib.sha256(data).hexdigest()
+    assert client.delete(f"/images/{body['id']}", headers=AUTH).status_code == 200
+
+    # A file under the folder the index was built from gets the id the build gave it: no duplicate.
+    root, _ = corpus_dir
+    indexed = next(p for p in sorted(root.rglob("*.jpg")) if p.parent.name != "broken")
+    r = client.post("/images", params={"uri": str(indexed)}, content=indexed.read_bytes(), headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"id": id_from_path(indexed.relative_to(root).as_posix()), "created": False, "id_from": "path"}
+    assert client.post("/images", content=data).status_code == 401
+
+
+def test_search_says_how_many_copies_it_collapsed(client):
+    a = picture(7300)
+    ids = [9_000_000_300, 9_000_000_301]
+    for id_ in ids:  # the same picture twice, under two ids
+        assert put(client, id_, a).status_code == 201
+    try:
+        r = client.post("/search?k=5", content=a, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200 and r.json()["collapsed"] >= 1
+        assert [h["id"] for h in r.json()["results"]].count(ids[0]) + [h["id"] for h in r.json()["results"]].count(ids[1]) == 1
+        r = client.post("/search?k=5&dedupe=false", content=a, headers={"content-type": "image/jpeg"})
+        assert r.json()["collapsed"] == 0
+        r = client.post("/search/vector", json={"vectors": [[0.0] * 1279 + [1.0]] * 2, "k": 3})
+        assert isinstance(r.json()["collapsed"], list) and len(r.json()["collapsed"]) == 2
+    finally:
+        for id_ in ids:
+            client.delete(f"/images/{id_}", headers=AUTH)
+
+
+def test_ingest_reports_a_different_photo_under_an_indexed_path(service, tmp_path, capsys):
+    from indexing.ids import id_from_path
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, n in ((first, 7400), (second, 7401)):  # another photo under the same relative path
+        (folder / "x").mkdir(parents=True)
+        (folder / "x" / "same.jpg").write_bytes(picture(n))
+    base = ["ingest", "--url", service, "--token", WRITE_TOKEN]
+    assert indexing_main([*base, "--images", str(first)]) == 0
+    capsys.readouterr()
+    assert indexing_main([*base, "--images", str(second)]) == 1
+    out = capsys.readouterr()
+    assert "added 0 images, skipped 0 already present, 1 id collisions" in out.out
+    assert "x/same.jpg" in out.err and "--prefix" in out.err and "--replace" in out.err
+    assert indexing_main([*base, "--images", str(second), "--prefix", "second"]) == 0
+    assert "added 1 images" in capsys.readouterr().out
+    assert indexing_main([*base, "--images", str(second), "--replace"]) == 0
+    assert "replaced 1" in capsys.readouterr().out
+    with httpx.Client(base_url=service) as c:
+        import hashlib
+
+        meta = c.get(f"/images/{id_from_path('x/same.jpg')}").json()
+        assert meta["sha256"] == hashlib.sha256(picture(7401)).hexdigest()
+        for rel in ("x/same.jpg", "second/x/same.jpg"):
+            assert c.delete(f"/images/{id_from_path(rel)}", headers=AUTH).status_code == 200
