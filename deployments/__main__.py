@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -95,22 +96,43 @@ def main(argv=None) -> int:
         print(f"error: no index at {index_dir} (manifest.json missing); build one with `python -m indexing build`",
               file=sys.stderr)
         return 2
-    url = deploy(load_serve_config(args.serve_config, index_dir, args.config, args.port), args.address)
-    if not wait_healthy(url, args.timeout_s):
-        print(f"error: the service at {url} did not become healthy in {args.timeout_s:.0f} s", file=sys.stderr)
-        return 1
-    sample = next(iter(sorted(Path(index_dir or ".").parent.glob("demo-images/*/original.jpg"))), None)
-    print(f"\nimage search is up at {url}\n")
-    print(f"  curl -s -X POST '{url}/search?k=5' -H 'Content-Type: image/jpeg' --data-binary @{sample or 'photo.jpg'}")
-    print(f"  curl -s {url}/stats\n\nCtrl-C stops it.", flush=True)
+    # systemd and container runtimes stop a service with SIGTERM: treat it like Ctrl-C, so Serve and
+    # the local Ray it started shut down instead of dying mid-request and leaving workers behind.
+    # Set again once Ray is up: ray.init installs its own crash handler for SIGTERM.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        url = deploy(load_serve_config(args.serve_config, index_dir, args.config, args.port), args.address)
+        signal.signal(signal.SIGTERM, _interrupt)
+        if not wait_healthy(url, args.timeout_s):
+            print(f"error: the service at {url} did not become healthy in {args.timeout_s:.0f} s", file=sys.stderr)
+            _shutdown()
+            return 1
+        sample = next(iter(sorted(Path(index_dir or ".").parent.glob("demo-images/*/original.jpg"))), None)
+        print(f"\nimage search is up at {url}\n")
+        print(f"  curl -s -X POST '{url}/search?k=5' -H 'Content-Type: image/jpeg' --data-binary @{sample or 'photo.jpg'}")
+        print(f"  curl -s {url}/stats\n\nCtrl-C (or SIGTERM) stops it.", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+        _shutdown()
+        print("stopped: Serve shut down" + ("" if args.address else " and the local Ray exited"), flush=True)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _shutdown() -> None:
+    """Serve down, then Ray; a second signal meanwhile does not cut the shutdown short."""
+    import ray
+    from ray import serve
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
 
 
 def _switch(args) -> int:

@@ -25,3 +25,51 @@ def test_bad_input_fails_before_ray_starts(tmp_path, case):
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "Ray" not in r.stderr  # no local Ray was started to find that out
+
+
+def test_sigterm_stops_the_service_cleanly(image_index_dir):
+    """What systemd and container runtimes send: Serve and the local Ray stop, one line says so,
+    no traceback, and no process the service started outlives it."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from tests.conftest import free_port
+
+    import tempfile
+
+    # Its own HAProxy ports and files, so it runs beside the test session's service (a short
+    # folder: HAProxy refuses socket paths over 97 characters).
+    haproxy = tempfile.mkdtemp(prefix="hap-")
+    env = {**os.environ, "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+           "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+           "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{haproxy}/haproxy.cfg",
+           "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{haproxy}/admin.sock",
+           "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
+           "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{haproxy}/server-state"}
+    proc = subprocess.Popen([sys.executable, "-m", "deployments", "run", "--index-dir", str(image_index_dir),
+                             "--port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "image search is up" in line:
+                break
+        else:
+            pytest.fail(f"the service did not start: {proc.stderr.read()[-3000:]}")
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert started, "the service started no Ray processes"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1].startswith("stopped: Serve shut down")
+    assert "Traceback" not in err, err[-3000:]
+    deadline = time.time() + 30
+    while time.time() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started):
+        time.sleep(1)
+    left = [f"{p.pid} {p.name()}" for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"orphaned: {left}"
