@@ -4,14 +4,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INDEX_DIR ?= data/demo-index
 DEMO_IMAGES ?= data/demo-images
-STAMP := $(VENV)/.installed
+# The FAISS build: gpu where nvidia-smi finds a GPU, else cpu (override: make run FAISS=cpu).
+FAISS ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+OTHER_FAISS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu)
+STAMP := $(VENV)/.installed-$(FAISS)
 
 .PHONY: run test test-all install demo-index serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@# Both builds install the `faiss` module: the other one goes first, or the two would mix files.
+	$(PY) -m pip uninstall -q -y $(OTHER_FAISS) 2>/dev/null || true
+	$(PY) -m pip install -q -e '.[dev,$(FAISS)]'
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,7 +38,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -m ''
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,bench,$(FAISS)]'
 	$(PY) -m bench all --out bench/results --quick
 
 clean:

@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from configs import logs
+
 LOG = logging.getLogger("bench")
 
 SIZES = {  # quick: a few minutes on 2 cores; full: the sizes the issue asks for
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
                    "(e.g. 'IVF{nlist},Flat' to compare at Chroma's recall)")
     p.add_argument("--nprobe", type=int, default=16, help="search: nprobe of the HTTP comparison at concurrency 1/8/32")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.setup(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     if not os.path.isdir(args.images):
         print(f"error: --images {args.images} is not a folder of photos", file=sys.stderr)

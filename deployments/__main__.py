@@ -43,11 +43,14 @@ def deploy(cfg: dict, address: str | None = None) -> str:
 
     schema = ServeDeploySchema.model_validate(cfg)
     if not ray.is_initialized():
-        environment.apply()
+        environment.apply(local=not address)
+        # Replica and controller output stays in Ray's log files (Serve writes its logs there
+        # anyway) instead of interleaving start-up banners and retry notices with this terminal.
+        quiet = dict(namespace="serve", logging_level="WARNING", log_to_driver=False)
         if address:
-            ray.init(address=address, namespace="serve")
+            ray.init(address=address, **quiet)
         else:
-            ray.init(num_cpus=os.cpu_count(), namespace="serve", include_dashboard=False)
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
         grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
@@ -110,13 +113,21 @@ def main(argv=None) -> int:
         sample = next(iter(sorted(Path(index_dir or ".").parent.glob("demo-images/*/original.jpg"))), None)
         print(f"\nimage search is up at {url}\n")
         print(f"  curl -s -X POST '{url}/search?k=5' -H 'Content-Type: image/jpeg' --data-binary @{sample or 'photo.jpg'}")
-        print(f"  curl -s {url}/stats\n\nCtrl-C (or SIGTERM) stops it.", flush=True)
+        print(f"  curl -s {url}/stats\n\nlogs (access, errors): {_log_dir()}\nCtrl-C (or SIGTERM) stops it.",
+              flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         _shutdown()
         print("stopped: Serve shut down" + ("" if args.address else " and the local Ray exited"), flush=True)
     return 0
+
+
+def _log_dir() -> str:
+    """Where this node's Ray session keeps Serve's logs (each node of a cluster has its own)."""
+    from ray._private.worker import global_worker  # no public API names the session folder
+
+    return os.path.join(global_worker.node.get_session_dir_path(), "logs", "serve")
 
 
 def _interrupt(signum, frame):

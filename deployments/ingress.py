@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import logging.handlers
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +38,9 @@ from indexing.storage import relative_to
 LOG = logging.getLogger("ray.serve")
 # Routes that stay open when the Ingress is at its in-flight limit: operators need them most then.
 UNLIMITED = ("/healthz", "/stats")
+# Serve's throughput mode buffers request-path log lines (1,000 of them) and writes them only when
+# the buffer fills: an operator tailing the log of a quiet service saw nothing. Flushed this often.
+ACCESS_LOG_FLUSH_S = 1.0
 
 
 class Routing(BaseModel):
@@ -82,6 +86,7 @@ class Ingress:
         self.routing: Routing | None = None  # set by reconfigure (user_config) before any request
         self.version: Optional[IndexVersion] = None
         self.in_flight = self.writes_in_flight = 0
+        self._log_flusher: Optional[asyncio.Task] = None
         self.cfg, self.decode = ServeConfig(**serve_cfg), DecodeConfig(**decode_cfg)
         self._search_batch.set_max_batch_size(self.cfg.search_batch_size)
         self._search_batch.set_batch_wait_timeout_s(self.cfg.search_batch_wait_s)
@@ -128,7 +133,17 @@ class Ingress:
         return self.version
 
     async def __call__(self, request: Request) -> Response:
-        """Dispatch with Starlette's own route matching; every failure becomes a JSON error."""
+        """Dispatch with Starlette's own route matching; every failure becomes a JSON error. Logs one
+        access line per request with the route template (`/images/{id}`), never the raw path."""
+        t0 = time.perf_counter()
+        response = await self._answer(request)
+        LOG.info("%s %s %d %.1fms", request.method, request.scope.get("route_template", "(no route)"),
+                 response.status_code, (time.perf_counter() - t0) * 1000.0)
+        if self._log_flusher is None:
+            self._log_flusher = asyncio.create_task(_flush_logs_every(ACCESS_LOG_FLUSH_S))
+        return response
+
+    async def _answer(self, request: Request) -> Response:
         limited = request.url.path not in UNLIMITED
         try:
             if limited and self.in_flight >= self.cfg.max_in_flight:
@@ -141,7 +156,7 @@ class Ingress:
         except ApiError as e:
             return e.response()
         except Exception:
-            LOG.exception("internal error on %s", request.url.path)
+            LOG.exception("internal error on %s", request.scope.get("route_template", "(no route)"))
             return ApiError(500, "internal", "internal error; see the service logs").response()
 
     async def _dispatch(self, request: Request) -> Response:
@@ -151,7 +166,7 @@ class Ingress:
         for route in self.routes:
             match, child = route.matches(request.scope)
             if match == Match.FULL:
-                request.scope.update(child)
+                request.scope.update(child, route_template=route.path)
                 return await route.endpoint(request)
             partial = partial or (route if match == Match.PARTIAL else None)
         if partial is not None:
@@ -360,6 +375,15 @@ class Ingress:
         info = {k: v for k, v in (await self._index()).info.items() if k not in hidden}
         return JSONResponse({**info, "index_app": self.routing.index_app, "writes_paused": self.routing.writes_paused,
                              "total": total, "shards": shards})
+
+
+async def _flush_logs_every(seconds: float) -> None:
+    """Write out the buffered log lines of this replica every `seconds`."""
+    handlers = [h for h in logging.getLogger("ray.serve").handlers if isinstance(h, logging.handlers.MemoryHandler)]
+    while handlers:
+        await asyncio.sleep(seconds)
+        for h in handlers:
+            h.flush()
 
 
 def _ms(t0: float) -> float:

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 
+from configs import logs
 from configs.schema import ConfigError, load_config
 
 
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logs.setup(logging.WARNING)
 
     from embedding.train import TrainError, format_report, run_training
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from configs import logs
 from configs.schema import ConfigError, load_config
 
 
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     c.add_argument("--config", help="YAML config (model.image_size, serve.near_duplicate_bits)")
     c.set_defaults(fn=_cmd_copies)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.setup(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per query sent to --url
     try:
         return args.fn(args)

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 
+from configs import logs
 from configs.schema import ConfigError, load_config
 
 LOG = logging.getLogger("indexing")
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     d.add_argument("--originals-only", action="store_true")
     d.set_defaults(fn=_cmd_demo_images)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup(logging.INFO)
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -16,7 +16,7 @@ def ray_session():
 
     from deployments import environment
 
-    environment.apply()
+    environment.apply(local=True)
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray

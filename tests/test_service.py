@@ -167,3 +167,21 @@ def test_killed_shard_replica_recovers(client, ray_session, image_index_dir):
     assert recovered, f"no restarted replica answered in full ({partials} partial answers)"
     again = client.post("/search/vector", json=query).json()
     assert [h["id"] for h in again["results"]] == [h["id"] for h in full["results"]]
+
+
+def test_access_log_names_the_route_and_reaches_the_file_promptly(client):
+    """One line per request with the route template (not Serve's `POST /`, not the raw path), in
+    the Ingress log within seconds although Serve buffers request-path logs."""
+    import glob
+
+    from ray._private.worker import global_worker
+
+    client.get("/images/4242")
+    client.get("/no/such/route")
+    pattern = os.path.join(global_worker.node.get_session_dir_path(), "logs", "serve", "replica_imsearch_Ingress_*.log")
+    deadline, text = time.time() + 15, ""
+    while time.time() < deadline and ("GET /images/{id} 404" not in text or "GET (no route) 404" not in text):
+        time.sleep(0.5)
+        text = "".join(open(p).read() for p in glob.glob(pattern))
+    assert "GET /images/{id} 404" in text and "GET (no route) 404" in text
+    assert "/no/such/route" not in text and "/images/4242" not in text
