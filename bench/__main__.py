@@ -9,7 +9,7 @@
   load       p50/p99 of image and vector queries at rising concurrency, with the saturation point
   memory     resident bytes per vector of a shard replica vs the code size of the factory
 
-Real vectors and images come from --images (default ../shared/data/scene15); the peers are optional
+Real vectors and images come from --images (default $DATA/scene15, docs/data.md); the peers are optional
 extras: pip install -e '.[bench]'."""
 from __future__ import annotations
 
@@ -130,8 +130,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("verb", choices=["all", "search", "levers", "embedding", "indexing", "load", "memory"])
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--images", default=os.path.join("..", "shared", "data", "scene15"),
-                   help="folder of real photos (default: ../shared/data/scene15)")
+    p.add_argument("--images", default=os.path.join(os.environ.get("DATA", os.path.join("..", "shared", "data")), "scene15"),
+                   help="folder of real photos (default: $DATA/scene15, see docs/data.md)")
     p.add_argument("--quick", action="store_true", help="small sizes that finish in minutes on 2 cores")
     p.add_argument("--port", type=int, default=8311, help="port of the benchmarked service")
     p.add_argument("--factory", help="search: FAISS factory for every engine instead of the service's default "
