@@ -31,6 +31,7 @@ from deployments.http import (
 )
 from deployments import openapi
 from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, rank, run_batch, within
+from indexing.catalog import sha_key
 from indexing.ids import id_from_bytes, id_from_path
 from indexing.live import SealedError
 from indexing.storage import relative_to
@@ -237,7 +238,7 @@ class Ingress:
         exclude_self = parse_bool(q.get("exclude_self"), self.cfg.exclude_query_image, "exclude_self")
         dedupe = parse_bool(q.get("dedupe"), True, "dedupe")
         vector, data, _ = await self._embed_upload(request)
-        own = hashlib.sha256(data).hexdigest() if exclude_self else None
+        own = sha_key(hashlib.sha256(data).hexdigest()) if exclude_self else None
         results, collapsed, partial = await self._search(vector[None, :], k, nprobe, own, dedupe)
         return JSONResponse({"results": results[0], "collapsed": collapsed[0], "partial": partial, "took_ms": _ms(t0)})
 

@@ -1,37 +1,156 @@
-"""Per-id metadata tables: id -> uri, sha256, private, unsafe, phash (perceptual hash).
+"""Per-id metadata: uri, sha256, visibility flags and perceptual hash, as Arrow columns.
 
-The same parquet layout serves a version's `catalog.parquet` (a build writes it without flags; a
-rebalance writes it with them) and a live shard's snapshot metadata."""
+Two files hold it. A version's `catalog.parquet` (written by a build or a rebalance) is the
+portable copy. A live shard's snapshot metadata is an uncompressed Arrow IPC file sorted by id,
+which a replica memory-maps: ids, the 64-bit sha256 prefix, hashes and flags become numpy views of
+the mapped pages and uris stay in the page cache, so a replica holds no Python object per image
+and replicas on one node share those pages."""
 from __future__ import annotations
 
 import io
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from indexing import storage
 
+# The `phash` of an image without a perceptual hash (indexed from vectors): one bit set, which a
+# median-thresholded pHash (about 32 of 64 bits set) never is. Arrays without nulls map zero-copy.
+NO_HASH = -(2**63)
+PRIVATE, UNSAFE = 1, 2  # bits of the `flags` column
 
-def read_meta(base: str, name: Optional[str]) -> dict[int, list]:
-    """id -> [uri, sha256, private, unsafe, phash] from `base/name`; missing flag columns read as
-    False and a missing phash (vectors without images, older builds) as None; a missing file as
-    no rows (an index built from vectors may have none)."""
+SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("sha256", pa.string()), ("sha64", pa.int64()),
+                    ("phash", pa.int64()), ("flags", pa.uint8())])
+_HEX = np.zeros(256, np.uint64)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = _HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
+
+
+def sha_key(sha256: str) -> int:
+    """The first 64 bits of a hex sha256 as a signed int (0 for none): enough to tell apart the
+    results of one query, 8 bytes instead of a 64-character string per image."""
+    if not sha256:
+        return 0
+    return int(sha_keys(pa.array([sha256]))[0])
+
+
+def sha_keys(shas: pa.Array) -> np.ndarray:
+    """sha_key of every string of an Arrow array, vectorised over the hex digits."""
+    shas = shas.fill_null("")
+    n = len(shas)
+    out = np.zeros(n, np.uint64)
+    if n == 0:
+        return out.view(np.int64)
+    if pa.types.is_large_string(shas.type):
+        shas = shas.cast(pa.string())
+    offsets = np.frombuffer(shas.buffers()[1], np.int32, n + 1, shas.offset * 4)
+    data = np.frombuffer(shas.buffers()[2], np.uint8) if shas.buffers()[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    full = lengths >= 16
+    if full.any():
+        starts = offsets[:-1][full].astype(np.int64)
+        digits = _HEX[data[starts[:, None] + np.arange(16)]]
+        out[full] = (digits << (np.uint64(4) * np.arange(15, -1, -1, dtype=np.uint64))).sum(axis=1, dtype=np.uint64)
+    for i in np.flatnonzero(~full & (lengths > 0)):  # short strings: only tests and hand-made rows
+        out[i] = int(shas[int(i)].as_py().ljust(16, "0")[:16], 16) if _is_hex(shas[int(i)].as_py()) else \
+            int.from_bytes(shas[int(i)].as_py().encode()[:8].ljust(8, b"\0"), "big")
+    return out.view(np.int64)
+
+
+def _is_hex(s: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in s)
+
+
+def table_from_parquet(t: pa.Table) -> pa.Table:
+    """A catalog table (id, uri, sha256[, private, unsafe, phash]) in SCHEMA, sorted by id; missing
+    flag columns read as unset and a missing or null phash as NO_HASH."""
+    n = t.num_rows
+    flags = np.zeros(n, np.uint8)
+    for name, bit in (("private", PRIVATE), ("unsafe", UNSAFE)):
+        if name in t.column_names:
+            flags |= np.where(t.column(name).fill_null(False).to_numpy(zero_copy_only=False), bit, 0).astype(np.uint8)
+    phash = t.column("phash").fill_null(NO_HASH) if "phash" in t.column_names else pa.array(np.full(n, NO_HASH))
+    sha = t.column("sha256").combine_chunks() if n else pa.array([], pa.string())
+    out = pa.table([t.column("id").cast(pa.int64()), t.column("uri").fill_null(""), sha.fill_null(""),
+                    pa.array(sha_keys(sha)), phash.cast(pa.int64()), pa.array(flags)], schema=SCHEMA)
+    return out.take(pc.sort_indices(out.column("id"))) if n else out
+
+
+def table_from_rows(rows: dict[int, list]) -> pa.Table:
+    """SCHEMA rows from id -> [uri, sha256, private, unsafe, phash or None] (the writes since a
+    snapshot: few), sorted by id."""
+    ids = sorted(rows)
+    get = [rows[i] for i in ids]
+    shas = pa.array([r[1] for r in get], pa.string())
+    return pa.table([pa.array(ids, pa.int64()), pa.array([r[0] for r in get], pa.string()), shas,
+                     pa.array(sha_keys(shas)), pa.array([NO_HASH if r[4] is None else r[4] for r in get], pa.int64()),
+                     pa.array([PRIVATE * bool(r[2]) | UNSAFE * bool(r[3]) for r in get], pa.uint8())], schema=SCHEMA)
+
+
+def read_catalog(base: str, name: Optional[str]) -> pa.Table:
+    """A version's catalog.parquet in SCHEMA (no rows when it is absent: an index built from
+    vectors may have none)."""
     if not name or not storage.exists(storage.join(base, name)):
-        return {}
-    t = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(base, name)))).to_pydict()
-    no, unknown = [False] * len(t["id"]), [None] * len(t["id"])
-    return {int(i): [u, h, bool(p), bool(x), ph] for i, u, h, p, x, ph in
-            zip(t["id"], t["uri"], t["sha256"], t.get("private", no), t.get("unsafe", no), t.get("phash", unknown))}
+        return SCHEMA.empty_table()
+    return table_from_parquet(pq.read_table(io.BytesIO(storage.read_bytes(storage.join(base, name)))))
 
 
-def write_meta(uri: str, meta: dict[int, list]) -> None:
-    """Write `meta` (as read_meta returns it) atomically as parquet, sorted by id."""
-    ids = sorted(meta)
-    cols = list(zip(*(meta[i] for i in ids))) if ids else [[], [], [], [], []]
-    table = pa.table({"id": pa.array(ids, pa.int64()), "uri": pa.array(cols[0], pa.string()),
-                      "sha256": pa.array(cols[1], pa.string()), "private": pa.array(cols[2], pa.bool_()),
-                      "unsafe": pa.array(cols[3], pa.bool_()), "phash": pa.array(cols[4], pa.int64())})
+def write_catalog(uri: str, table: pa.Table) -> None:
+    """Write a SCHEMA table atomically as catalog parquet (flags as booleans, phash null for none)."""
+    flags = table.column("flags").to_numpy(zero_copy_only=False)
+    phash = table.column("phash")
+    out = pa.table({"id": table.column("id"), "uri": table.column("uri"), "sha256": table.column("sha256"),
+                    "private": pa.array((flags & PRIVATE) > 0), "unsafe": pa.array((flags & UNSAFE) > 0),
+                    "phash": pc.if_else(pc.equal(phash, NO_HASH), pa.scalar(None, pa.int64()), phash)})
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(out, buf)
     storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def write_snapshot(path: str, table: pa.Table) -> None:
+    """A shard's snapshot metadata as an uncompressed Arrow IPC file (so it maps), atomically."""
+    def write(tmp: str) -> None:
+        with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, SCHEMA) as w:
+            w.write_table(table.combine_chunks() if table.num_rows else table, max_chunksize=max(table.num_rows, 1))
+
+    storage.write_file_atomic(path, write)
+
+
+def open_snapshot(path: str) -> pa.Table:
+    """A snapshot written by write_snapshot, memory-mapped: nothing is read until it is used."""
+    return pa.ipc.open_file(pa.memory_map(path)).read_all()
+
+
+class Columns:
+    """Rows of a SCHEMA table sorted by id, found by binary search over the id column."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table.combine_chunks() if table.column("id").num_chunks > 1 else table
+
+        def col(name: str) -> np.ndarray:
+            c = self.table.column(name)
+            return c.chunk(0).to_numpy(zero_copy_only=True) if c.num_chunks else np.zeros(0, SCHEMA.field(name).type.to_pandas_dtype())
+
+        self.ids, self.sha64, self.phash, self.flags = col("id"), col("sha64"), col("phash"), col("flags")
+        self._uri, self._sha = self.table.column("uri"), self.table.column("sha256")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def position(self, id_: int) -> int:
+        """Row of an id, or -1."""
+        p = int(np.searchsorted(self.ids, id_))
+        return p if p < len(self.ids) and self.ids[p] == id_ else -1
+
+    def row(self, p: int) -> list:
+        """[uri, sha256, private, unsafe, phash or None] of row p."""
+        f, h = int(self.flags[p]), int(self.phash[p])
+        return [self._uri[p].as_py(), self._sha[p].as_py(), bool(f & PRIVATE), bool(f & UNSAFE),
+                None if h == NO_HASH else h]
+
+    def uri(self, p: int) -> str:
+        return self._uri[p].as_py()
+

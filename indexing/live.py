@@ -3,7 +3,8 @@
 State on disk, per manifest version and shard, in `DIR/live/vN/`:
   shard-000.json        the current generation: {"generation", "index", "meta", "log"}
   shard-000.gG.faiss    snapshot index of generation G (G = 0 is the build's shard file)
-  shard-000.gG.parquet  snapshot metadata: id, uri, sha256, private, unsafe, phash
+  shard-000.gG.arrow    snapshot metadata (catalog.SCHEMA, memory-mapped; g0 is converted from
+                        the version's catalog.parquet on first load)
   shard-000.gG.wal      writes since that snapshot
   shard-000.lock        serialises appends and compaction across replicas
 Every replica tails the current log before each search, so once one replica acknowledges a
@@ -20,12 +21,19 @@ from typing import Iterator, Optional
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from embedding.copies import hash_hex
 from indexing import storage, wal
-from indexing.catalog import read_meta, write_meta
+from indexing.catalog import (
+    NO_HASH, Columns, open_snapshot, read_catalog, sha_key, table_from_parquet, table_from_rows, write_snapshot,
+)
 from indexing.ids import shard_of
 from indexing.manifest import Manifest
-from indexing.shards import add_to_shard, read_index, search_shard
+from indexing.merge import merge_topk
+from indexing.shards import add_to_shard, is_refine, read_index, search_shard, shard_ids
 
 LOG = logging.getLogger(__name__)
 
@@ -102,7 +110,12 @@ def append_records(index_dir: str, manifest: Manifest, shard_no: int, records: l
 
 
 class LiveShard:
-    """One replica's in-memory copy of a shard, kept current from the shard's log."""
+    """One replica's copy of a shard, kept current from the shard's log.
+
+    The snapshot (index and metadata) is memory-mapped and never changes; the writes since it live
+    beside it: new vectors in `delta` (an empty copy of the template), their metadata in `rows`,
+    and the snapshot ids they replace or delete in `moved` (their snapshot vectors are filtered out
+    of every search) and `gone` (no metadata either). A compaction folds them into a new snapshot."""
 
     def __init__(self, index_dir: str, manifest: Manifest, shard_no: int):
         self.root, self.manifest, self.shard_no = index_dir, manifest, shard_no
@@ -138,27 +151,40 @@ class LiveShard:
         with open(self._path("json")) as f:
             return json.load(f)
 
-    def _load(self) -> None:
-        """Load the snapshot the state file names and replay its log."""
-        state = self._read_state()
+    def _snapshot_index_uri(self, state: dict) -> str:
         # Generation 0 is the build's shard file (relative to the index dir); later ones live here.
-        index = read_index(storage.join(self.live if state["meta"] else self.root, state["index"]))
-        if isinstance(index, faiss.IndexIVF):
-            index.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove and reconstruct by id
-        self.index = index
-        self.meta = self._load_meta(state)
-        self.hidden = {i for i, m in self.meta.items() if m[2] or m[3]}
-        self._hidden_arr: Optional[np.ndarray] = None
+        return storage.join(self.live if state["meta"] else self.root, state["index"])
+
+    def _load(self) -> None:
+        """Map the snapshot the state file names and replay its log."""
+        self._state = state = self._read_state()
+        self.base = read_index(self._snapshot_index_uri(state), mmap=True)
+        self.delta = read_index(storage.join(self.root, self.manifest.template))
+        self.columns = Columns(self._snapshot_meta(state))
+        self.rows: dict[int, list] = {}  # id -> [uri, sha256, private, unsafe, phash] written since the snapshot
+        self.in_delta: set[int] = set()
+        self.moved: set[int] = set()     # snapshot ids whose snapshot vector no longer counts
+        self.gone: set[int] = set()      # snapshot ids deleted since the snapshot
+        self._excluded: Optional[tuple[np.ndarray, np.ndarray]] = None
         self.generation, self.log_name, self.offset = state["generation"], state["log"], 0
         self.sync()
 
-    def _load_meta(self, state: dict) -> dict[int, list]:
-        """id -> [uri, sha256, private, unsafe, phash]; generation 0 takes this shard's rows of the catalog."""
-        if state["meta"]:
-            return read_meta(self.live, state["meta"])
-        catalog = read_meta(self.root, self.manifest.catalog)
-        ids = np.fromiter(catalog, dtype=np.int64, count=len(catalog))
-        return {int(i): catalog[int(i)] for i in ids[shard_of(ids, self.manifest.slot_table) == self.shard_no]}
+    def _snapshot_meta(self, state: dict) -> pa.Table:
+        """The snapshot's metadata, memory-mapped. Generation 0 takes this shard's rows of the
+        catalog, converted once into a mapped file beside the log (under the shard's lock)."""
+        if state["meta"] and state["meta"].endswith(".arrow"):
+            return open_snapshot(os.path.join(self.live, state["meta"]))
+        if state["meta"]:  # a snapshot written before metadata was mapped
+            return table_from_parquet(pq.read_table(os.path.join(self.live, state["meta"])))
+        if self.live is not None and os.path.exists(self._path("g0.arrow")):
+            return open_snapshot(self._path("g0.arrow"))
+        catalog = read_catalog(self.root, self.manifest.catalog)
+        ids = catalog.column("id").to_numpy()
+        mine = catalog.filter(pa.array(shard_of(ids, self.manifest.slot_table) == self.shard_no)) if len(ids) else catalog
+        if self.live is None:
+            return mine
+        write_snapshot(self._path("g0.arrow"), mine)
+        return open_snapshot(self._path("g0.arrow"))
 
     # ------------------------------------------------------------------ applying writes
 
@@ -175,28 +201,42 @@ class LiveShard:
                 # Another replica compacted: its snapshot holds every logged write, so reload it.
                 self._load()
 
+    def _row(self, id_: int) -> Optional[list]:
+        """[uri, sha256, private, unsafe, phash] of an id as of the last applied write, or None."""
+        if id_ in self.rows:
+            return self.rows[id_]
+        if id_ in self.gone:
+            return None
+        p = self.columns.position(id_)
+        return self.columns.row(p) if p >= 0 else None
+
+    def _drop_vector(self, id_: int) -> None:
+        if id_ in self.in_delta:
+            self.delta.remove_ids(np.array([id_], dtype=np.int64))
+            self.in_delta.discard(id_)
+        elif self.columns.position(id_) >= 0:
+            self.moved.add(id_)
+
     def _apply(self, r: wal.Record) -> None:
-        ids = np.array([r.id], dtype=np.int64)
+        old = self._row(r.id)
         if r.op == "upsert":
-            old = self.meta.get(r.id)
-            if old is not None:
-                self.index.remove_ids(ids)
-            add_to_shard(self.index, ids, r.vector[None, :])
-            flags = old[2:4] if old else [False, False]
-            self.meta[r.id] = [r.uri, r.sha256, *flags, r.phash]
-        elif r.op == "delete":
-            if r.id in self.meta:
-                self.index.remove_ids(ids)
-                del self.meta[r.id]
-                self.hidden.discard(r.id)
-        elif r.op == "flags" and r.id in self.meta:
-            m = self.meta[r.id]
+            self._drop_vector(r.id)
+            add_to_shard(self.delta, np.array([r.id], dtype=np.int64), r.vector[None, :])
+            self.in_delta.add(r.id)
+            self.rows[r.id] = [r.uri, r.sha256, *(old[2:4] if old else [False, False]), r.phash]
+        elif r.op == "delete" and old is not None:
+            self._drop_vector(r.id)
+            self.rows.pop(r.id, None)
+            if self.columns.position(r.id) >= 0:
+                self.gone.add(r.id)
+        elif r.op == "flags" and old is not None:
+            m = list(old)
             if r.private is not None:
                 m[2] = bool(r.private)
             if r.unsafe is not None:
                 m[3] = bool(r.unsafe)
-            (self.hidden.add if m[2] or m[3] else self.hidden.discard)(r.id)
-        self._hidden_arr = None
+            self.rows[r.id] = m
+        self._excluded = None
 
     def write(self, record: wal.Record) -> bool:
         """Durably log and apply one write; returns whether the id existed before it."""
@@ -210,7 +250,7 @@ class LiveShard:
                                   "switched to another version; retry")
             with self._mutex:
                 self.sync()  # the state before this write, including other replicas' writes
-                existed = record.id in self.meta
+                existed = self._row(record.id) is not None
                 if record.op != "upsert" and not existed:
                     return False
                 log = os.path.join(self.live, self.log_name)
@@ -220,32 +260,77 @@ class LiveShard:
 
     # ------------------------------------------------------------------ reading
 
+    def ids(self) -> np.ndarray:
+        """Every id the shard holds, sorted."""
+        base = self.columns.ids
+        if self.gone:
+            base = base[~np.isin(base, np.fromiter(self.gone, np.int64, len(self.gone)))]
+        return np.union1d(base, np.fromiter(self.rows, np.int64, len(self.rows)))
+
+    def table(self, ids: Optional[np.ndarray] = None) -> pa.Table:
+        """Metadata rows (catalog.SCHEMA, sorted by id) of every id held, or of those in `ids`."""
+        c = self.columns
+        keep = np.ones(len(c), bool)
+        for drop in (self.gone, self.rows):
+            if drop:
+                keep &= ~np.isin(c.ids, np.fromiter(drop, np.int64, len(drop)))
+        if ids is not None:
+            keep &= np.isin(c.ids, ids)
+        rows = self.rows if ids is None else {i: r for i, r in self.rows.items() if i in set(ids.tolist())}
+        both = pa.concat_tables([c.table.filter(pa.array(keep)), table_from_rows(rows)])
+        return both.take(pc.sort_indices(both.column("id")))
+
+    def hidden(self) -> np.ndarray:
+        """Ids flagged private or unsafe."""
+        c = self.columns
+        flagged = c.ids[c.flags != 0]
+        if self.rows or self.gone:
+            stale = set(self.rows) | self.gone
+            flagged = flagged[~np.isin(flagged, np.fromiter(stale, np.int64, len(stale)))]
+        extra = [i for i, m in self.rows.items() if m[2] or m[3]]
+        return np.union1d(flagged, np.array(extra, np.int64))
+
     def get(self, id_: int) -> Optional[dict]:
         """Metadata of an id in this shard, or None."""
         self.sync()
-        m = self.meta.get(int(id_))
+        m = self._row(int(id_))
         if m is None:
             return None
         return {"id": int(id_), "uri": m[0], "sha256": m[1], "private": m[2], "unsafe": m[3],
                 "perceptual_hash": None if m[4] is None else hash_hex(m[4])}
 
+    def _hit(self, id_: int) -> tuple:
+        """(uri, 64-bit sha256 prefix, perceptual hash or None): what the ranking policy needs."""
+        if id_ in self.rows:
+            m = self.rows[id_]
+            return m[0], sha_key(m[1]), m[4]
+        c, p = self.columns, self.columns.position(id_)
+        if p < 0:
+            return "", 0, None
+        h = int(c.phash[p])
+        return c.uri(p), int(c.sha64[p]), None if h == NO_HASH else h
+
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> dict:
-        """(D, I) with flagged ids filtered inside the search, and (uri, sha256, perceptual hash)
-        of the hits: what the ranking policy needs to collapse copies."""
+        """(D, I) with flagged ids filtered inside the search, and (uri, sha256 prefix, perceptual
+        hash) of the hits: what the ranking policy needs to collapse copies."""
         self.sync()
         with self._mutex:
-            if self._hidden_arr is None:
-                self._hidden_arr = np.fromiter(self.hidden, dtype=np.int64, count=len(self.hidden))
-            D, I = search_shard(self.index, queries, k, nprobe, exclude=self._hidden_arr)
+            if self._excluded is None:
+                hidden = self.hidden()
+                moved = np.fromiter(self.moved, np.int64, len(self.moved))
+                self._excluded = (np.union1d(hidden, moved), hidden)
+            base_exclude, delta_exclude = self._excluded
+            D, I = search_shard(self.base, queries, k, nprobe, exclude=base_exclude)
+            if self.delta.ntotal:
+                D, I = merge_topk([(D, I), search_shard(self.delta, queries, k, nprobe, exclude=delta_exclude)], k,
+                                  self.manifest.metric)
             found = np.unique(I)
-            found = found[found >= 0]
-            none = ("", "", False, False, None)
-            hits = {i: (m[0], m[1], m[4]) for i, m in ((i, self.meta.get(i, none)) for i in found.tolist())}
+            hits = {i: self._hit(i) for i in found[found >= 0].tolist()}
         return {"D": D, "I": I, "meta": hits}
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.base.ntotal - len(self.moved) + self.delta.ntotal)
 
     # ------------------------------------------------------------------ compaction
 
@@ -257,15 +342,35 @@ class LiveShard:
         except FileNotFoundError:
             return 0
 
+    def materialize(self) -> faiss.Index:
+        """The current state as one in-memory index: the snapshot read in full (a mapped one cannot
+        change), less the vectors writes replaced, plus the new ones. Costs one shard of memory
+        while it lives: compaction and rebalance use it, searches never do."""
+        full = read_index(self._snapshot_index_uri(self._state))
+        moved = np.fromiter(self.moved, np.int64, len(self.moved))
+        if is_refine(full) and (len(moved) or self.delta.ntotal):
+            # A Refine index can neither remove nor merge entries: rebuild it from its vectors.
+            keep = np.setdiff1d(shard_ids(full), moved)
+            rebuilt = read_index(storage.join(self.root, self.manifest.template))
+            for source, ids in ((full, keep), (self.delta, shard_ids(self.delta))):
+                if len(ids):
+                    add_to_shard(rebuilt, ids, np.stack([source.reconstruct(int(i)) for i in ids]))
+            return rebuilt
+        if len(moved):
+            full.remove_ids(moved)
+        if self.delta.ntotal:
+            full.merge_from(faiss.clone_index(self.delta), 0)
+        return full
+
     def compact(self, min_log_bytes: int = 0) -> Optional[int]:
         """Write a new snapshot of the current state and start an empty log; returns the new
         generation, or None when the log, re-checked under the lock, is under `min_log_bytes`
         (another replica compacted first: a burst of writes snapshots once, not once per write).
 
-        While the lock is held no process can append, so the index cannot change: the snapshot is
-        written straight to its temporary file (no in-memory copy) while this replica's searches
-        go on. On failure (a full disk) nothing changes: no temporary file stays, the log keeps
-        every write, and a later compaction tries again."""
+        While the lock is held no process can append, so the state cannot change: the new snapshot
+        is built and written beside the mapped one while this replica's searches go on. On failure
+        (a full disk) nothing changes: no temporary file stays, the log keeps every write, and a
+        later compaction tries again."""
         with wal.locked(self._path("lock")):
             if self._read_state().get("sealed"):
                 return None  # a version switched away from takes no more writes: nothing to gain
@@ -274,24 +379,26 @@ class LiveShard:
                 if self.log_bytes() < min_log_bytes:
                     return None
                 g = self.generation + 1
-            index_path, meta_path = self._path(f"g{g}.faiss"), self._path(f"g{g}.parquet")
+                full, table = self.materialize(), self.table()
+            index_path, meta_path = self._path(f"g{g}.faiss"), self._path(f"g{g}.arrow")
             try:
-                storage.write_file_atomic(index_path, lambda tmp: faiss.write_index(self.index, tmp))
-                write_meta(meta_path, self.meta)
+                storage.write_file_atomic(index_path, lambda tmp: faiss.write_index(full, tmp))
+                full = None  # a shard's worth of memory, not needed for the rest
+                write_snapshot(meta_path, table)
                 with self._mutex:
                     self._write_state({"generation": g, "index": f"{self.name}.g{g}.faiss",
-                                       "meta": f"{self.name}.g{g}.parquet", "log": f"{self.name}.g{g}.wal"})
-                    self.generation, self.log_name, self.offset = g, f"{self.name}.g{g}.wal", 0
+                                       "meta": f"{self.name}.g{g}.arrow", "log": f"{self.name}.g{g}.wal"})
+                    self._load()
             except BaseException:
                 for p in (index_path, meta_path):
                     if os.path.exists(p):
                         os.remove(p)
                 raise
         # Generation g-1 stays for replicas that are loading it right now; g-2 is unused.
-        for ext in ("faiss", "parquet", "wal"):
+        for ext in ("faiss", "arrow", "parquet", "wal"):
             try:
                 os.remove(self._path(f"g{g - 2}.{ext}"))
             except FileNotFoundError:
                 pass
-        LOG.info("%s compacted to generation %d (%d vectors)", self.name, g, self.index.ntotal)
+        LOG.info("%s compacted to generation %d (%d vectors)", self.name, g, self.ntotal)
         return g

@@ -23,8 +23,8 @@ def rank_results(
     count per query the hits collapsed into a better one before the k-th result (why a query can
     get fewer than k results from a corpus with more than k images).
 
-    `meta` maps id -> (uri, sha256, perceptual hash or None). Drops padding (-1), hits with the
-    query's own bytes (`exclude_sha256`), hits whose sha256 repeats a better hit, and, with
+    `meta` maps id -> (uri, sha256 or its 64-bit prefix as shards send it, perceptual hash or
+    None); `exclude_sha256` is in the same form. Drops padding (-1), hits with the query's own bytes, hits whose sha256 repeats a better hit, and, with
     `copy_bits`, hits whose hash differs from a kept hit's in at most that many bits (keep the best).
     `dedupe=False` keeps duplicates: the exact merge order."""
     near = dedupe and copy_bits is not None

@@ -12,14 +12,16 @@ import time
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from indexing import storage
 from indexing.build import shard_files, versioned
-from indexing.catalog import write_meta
+from indexing.catalog import write_catalog
 from indexing.ids import shard_of, slot_of
 from indexing.live import LiveShard
 from indexing.manifest import Manifest, ReplayFrom, ShardEntry, publish_manifest, read_manifest
-from indexing.shards import read_index, write_index
+from indexing.shards import carries_ids, read_index, write_index
 
 LOG = logging.getLogger(__name__)
 
@@ -52,10 +54,11 @@ def plan_rebalance(slot_counts: np.ndarray, old_table: list[int], num_shards: in
 
 def _extract(index: faiss.Index, keep: np.ndarray):
     """Entries of `index` whose id is in `keep`: (list_no, ids, codes) per IVF list, or (ids, vectors)."""
-    if isinstance(index, faiss.IndexIVF):
-        inv = index.invlists
+    if carries_ids(index):
+        ivf = faiss.extract_index_ivf(index)
+        inv = ivf.invlists
         out = []
-        for l in range(index.nlist):
+        for l in range(ivf.nlist):
             n = inv.list_size(l)
             if not n:
                 continue
@@ -72,26 +75,29 @@ def _extract(index: faiss.Index, keep: np.ndarray):
 def fill_rebalanced_shard(index_dir: str, old: dict, template: str, new_table: list[int], shard: int, out_uri: str):
     """Build new shard `shard` from every old shard's current state (snapshot + log).
 
-    Returns (count, id -> metadata of the new shard, the (generation, offset) read of each old shard),
-    so that writes the old version takes later can be replayed onto this one."""
+    Returns (count, the metadata rows of the new shard as an Arrow table, the (generation, offset)
+    read of each old shard), so that writes the old version takes later can be replayed onto this one."""
     m = Manifest.model_validate(old)
     new = read_index(storage.join(index_dir, template))
-    meta, positions = {}, []
+    new_ivf = faiss.extract_index_ivf(new) if carries_ids(new) else None
+    tables, positions = [], []
     for s in range(m.num_shards):
         live = LiveShard(index_dir, m, s)
         positions.append(live.position)
-        ids = np.fromiter(live.meta, dtype=np.int64, count=len(live.meta))
+        ids = live.ids()
         keep = ids[shard_of(ids, new_table) == shard]
-        meta.update({int(i): live.meta[int(i)] for i in keep})
-        for l, got_ids, payload in _extract(live.index, keep):
+        tables.append(live.table(keep))
+        for l, got_ids, payload in _extract(live.materialize(), keep):
             if l < 0:
                 if len(got_ids):
                     new.add_with_ids(payload, got_ids)
             else:
-                new.invlists.add_entries(l, len(got_ids), faiss.swig_ptr(got_ids), faiss.swig_ptr(payload))
-                new.ntotal += len(got_ids)
+                new_ivf.invlists.add_entries(l, len(got_ids), faiss.swig_ptr(got_ids), faiss.swig_ptr(payload))
+                new_ivf.ntotal += len(got_ids)
+                if not isinstance(new, faiss.IndexIVF):  # a transform in front counts its vectors too
+                    new.ntotal += len(got_ids)
     write_index(new, out_uri)
-    return int(new.ntotal), meta, positions
+    return int(new.ntotal), pa.concat_tables(tables), positions
 
 
 def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05, task_cpus: float = 0.5) -> Manifest:
@@ -103,7 +109,7 @@ def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05, task_cpu
 
     t0 = time.time()
     m = read_manifest(index_dir)
-    ids = np.concatenate([np.fromiter(LiveShard(index_dir, m, s).meta, dtype=np.int64) for s in range(m.num_shards)])
+    ids = np.concatenate([LiveShard(index_dir, m, s).ids() for s in range(m.num_shards)])
     counts = np.bincount(slot_of(ids, m.num_slots), minlength=m.num_slots)
     table = plan_rebalance(counts, m.slot_table, num_shards, tolerance)
     version = m.version + 1
@@ -121,7 +127,8 @@ def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05, task_cpu
     done = [pickle.loads(r["result"]) for r in sorted(rows, key=lambda r: r["shard"])]
     sizes = [d[0] for d in done]
     catalog = versioned("catalog.parquet", version)
-    write_meta(storage.join(index_dir, catalog), {i: row for d in done for i, row in d[1].items()})
+    rows = pa.concat_tables([d[1] for d in done])
+    write_catalog(storage.join(index_dir, catalog), rows.take(pc.sort_indices(rows.column("id"))))
     # The earliest position any task read: replaying from there is safe for all of them because
     # upserts, deletes and flag changes give the same state when applied again in order.
     replay = ReplayFrom(version=m.version, positions=[list(min(d[2][s] for d in done)) for s in range(m.num_shards)])

@@ -22,17 +22,32 @@ METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 def make_template(factory: str, dim: int, metric: str, train_vectors: np.ndarray) -> faiss.Index:
     """Train an empty index from `factory`, wrapped so that it stores our int64 ids.
 
-    IVF indexes keep ids in their inverted lists; everything else (Flat, Refine, PreTransform)
-    gets an IndexIDMap2 around it.
+    An IVF index keeps ids in its inverted lists, also under a transform (PCA, OPQ): ids go
+    through, and removing or merging entries stays exact. Flat and Refine indexes number their
+    vectors 0..n-1, so they get an IndexIDMap2 around them.
     """
     index = faiss.index_factory(dim, factory, METRICS[metric])
     if not index.is_trained:
         xt = np.ascontiguousarray(train_vectors, dtype=np.float32)
         LOG.info("training %s on %d vectors", factory, len(xt))
         index.train(xt)
-    if not isinstance(index, faiss.IndexIVF):
+    if not carries_ids(index):
         index = faiss.IndexIDMap2(index)
     return index
+
+
+def carries_ids(index: faiss.Index) -> bool:
+    """Whether an index stores the ids it is given (an IVF, bare or under transforms)."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return isinstance(index, faiss.IndexIVF)
+
+
+def is_refine(index: faiss.Index) -> bool:
+    """Whether a shard is a Refine index (under its IndexIDMap2), which cannot remove or merge."""
+    index = faiss.downcast_index(index)
+    return isinstance(index, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(index.index), faiss.IndexRefine)
 
 
 def serialize(index: faiss.Index) -> bytes:
@@ -45,11 +60,16 @@ def deserialize(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def read_index(uri: str) -> faiss.Index:
-    """Load a shard or template from a local path or any pyarrow URI."""
+def read_index(uri: str, mmap: bool = False) -> faiss.Index:
+    """Load a shard or template from a local path or any pyarrow URI.
+
+    `mmap` maps the codes and inverted lists of a local file instead of reading them (FAISS's
+    IO_FLAG_MMAP_IFC): loading costs page-table entries, not a copy, replicas on one node share the
+    pages, and the kernel pages them in as searches touch them. Such an index is read-only: adding
+    to or removing from it aborts the process, so only LiveShard's base snapshot is mapped."""
     if storage.is_local(uri):
         _, path = storage.resolve(uri)
-        return faiss.read_index(path)
+        return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC if mmap else 0)
     return deserialize(storage.read_bytes(uri))
 
 
@@ -72,11 +92,12 @@ def add_to_shard(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, batch
 
 def shard_ids(index: faiss.Index) -> np.ndarray:
     """All ids stored in a shard."""
-    if isinstance(index, faiss.IndexIVF):
-        invlists = index.invlists
+    if carries_ids(index):
+        ivf = faiss.extract_index_ivf(index)
+        invlists = ivf.invlists
         parts = [
             faiss.rev_swig_ptr(invlists.get_ids(l), invlists.list_size(l)).copy()
-            for l in range(index.nlist)
+            for l in range(ivf.nlist)
             if invlists.list_size(l)
         ]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)

@@ -32,7 +32,7 @@ def test_rebalance_3_to_5_to_2(ray_session, tmp_path, rng, factory):
     assert indexing_main(["build", "--vectors", str(tmp_path / "x.npy"), "--ids", str(tmp_path / "ids.npy"),
                           "--index-dir", d, "--factory", factory, "--shards", "3"]) == 0
     m1 = read_manifest(d)
-    LiveShard(d, m1, 0).write(Record("flags", int(next(iter(LiveShard(d, m1, 0).meta))), private=True))
+    LiveShard(d, m1, 0).write(Record("flags", int(LiveShard(d, m1, 0).ids()[0]), private=True))
     q = rng.normal(size=(30, 16)).astype(np.float32)
     before = ShardedIndex.open(d).search(q, 10, nprobe=16)
     for n in (5, 2):
@@ -48,6 +48,6 @@ def test_rebalance_3_to_5_to_2(ray_session, tmp_path, rng, factory):
         after = ix.search(q, 10, nprobe=16)
         np.testing.assert_array_equal(after[1], before[1])
         np.testing.assert_allclose(after[0], before[0], rtol=1e-6)
-        hidden = sum(len(LiveShard(d, ix.manifest, s).hidden) for s in range(n))
+        hidden = sum(len(LiveShard(d, ix.manifest, s).hidden()) for s in range(n))
         assert hidden == 1  # the private flag moved with its vector
     assert read_manifest(d, version=1).num_shards == 3  # old versions stay readable
