@@ -57,7 +57,7 @@ class Service:
 
 
 def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory: str | None = None,
-        nprobe: int = 16) -> dict:
+        nprobe: int = 16, baseline_tree: str | None = None) -> dict:
     from bench import plots
     from bench.common import machine, write_results
 
@@ -96,7 +96,7 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
     if "memory" in verbs:
         from bench.memory import bench_memory
 
-        results["memory"] = bench_memory(work, size["memory"])
+        results["memory"] = bench_memory(work, size["memory"], baseline_tree=baseline_tree)
     from bench.vectors import real_embeddings, synthetic
 
     def serving_set():  # the vectors of issue 12's serving comparison: 100k x 256, clustered
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
                    help="folder of real photos (default: $DATA/scene15, see docs/data.md)")
     p.add_argument("--quick", action="store_true", help="small sizes that finish in minutes on 2 cores")
     p.add_argument("--port", type=int, default=8311, help="port of the benchmarked service")
+    p.add_argument("--baseline-tree", help="memory: also measure the shard code of this checkout of an earlier "
+                   "revision (git worktree add DIR REV) on the same indexes")
     p.add_argument("--factory", help="search: FAISS factory for every engine instead of the service's default "
                    "(e.g. 'IVF{nlist},Flat' to compare at Chroma's recall)")
     p.add_argument("--nprobe", type=int, default=16, help="search: nprobe of the HTTP comparison at concurrency 1/8/32")
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
         print(f"error: --images {args.images} is not a folder of photos", file=sys.stderr)
         return 2
     verbs = ["indexing", "embedding", "load", "memory", "search"] if args.verb == "all" else [args.verb]
-    results = run(verbs, args.images, args.out, args.quick, args.port, args.factory, args.nprobe)
+    results = run(verbs, args.images, args.out, args.quick, args.port, args.factory, args.nprobe, args.baseline_tree)
     print(open(os.path.join(args.out, f"{'all' if args.verb == 'all' else args.verb}.md")).read())
     print(json.dumps({"seconds": results["seconds"], "out": args.out}))
     return 0

@@ -1,7 +1,15 @@
-"""Memory: resident bytes per indexed vector of a shard replica, against the code size the factory
-implies. A replica holds an `indexing.live.LiveShard`; each size loads one in a fresh process and
-reports the growth of its resident set, so the per-vector cost is the slope between two sizes
-(fixed costs such as the coarse quantizer and allocator pools cancel out)."""
+"""Memory and start-up of a shard replica: resident bytes per vector against the code size the
+factory implies, and how long a replica takes to become ready.
+
+A replica holds an `indexing.live.LiveShard`. Each measurement loads shard 0 in a fresh process
+and reports the growth of its resident set right after loading and after a search that visits
+every IVF cell (every code page touched), so the per-vector cost is the slope between two sizes
+(fixed costs such as the coarse quantizer and allocator pools cancel out). The catalog gets
+realistic uris and sha256 digests, so the numbers include what a served image carries.
+
+`baseline_tree` names a checkout of an earlier revision (e.g. `git worktree add /tmp/old REV`):
+the same probe then runs with that tree's `indexing` package on the same index directories, so
+both implementations are measured in one run on one machine."""
 from __future__ import annotations
 
 import json
@@ -9,60 +17,106 @@ import logging
 import os
 import subprocess
 import sys
+from typing import Optional
 
-import faiss
+import numpy as np
 
 LOG = logging.getLogger(__name__)
 
 _PROBE = """
-import json, sys
+import json, sys, time
 from deployments.shard import rss_bytes
 from indexing.live import LiveShard
 from indexing.manifest import read_manifest
-import pyarrow.parquet, faiss  # imported before the baseline: their cost is not per vector
+import faiss, numpy as np, pyarrow.parquet  # imported before the baseline: their cost is not per vector
 m = read_manifest(sys.argv[1])
-before = rss_bytes()
+before, t0 = rss_bytes(), time.perf_counter()
 shard = LiveShard(sys.argv[1], m, 0)
-print(json.dumps({"vectors": shard.ntotal, "load_rss_bytes": rss_bytes() - before}))
+ready = time.perf_counter() - t0
+loaded = rss_bytes() - before
+q = np.random.default_rng(0).normal(size=(4, m.dim)).astype("float32")
+shard.search(q, 10, 1 << 20)  # nprobe past nlist: every cell, every code page
+print(json.dumps({"vectors": shard.ntotal, "ready_s": ready, "load_rss_bytes": loaded,
+                  "scanned_rss_bytes": rss_bytes() - before}))
 """
 
 
-def load_cost(index_dir: str) -> dict:
-    """Resident bytes a fresh process gains by loading shard 0 of `index_dir`."""
-    p = subprocess.run([sys.executable, "-c", _PROBE, index_dir], capture_output=True, text=True, check=True)
+def load_cost(index_dir: str, tree: Optional[str] = None) -> dict:
+    """Ready time and resident growth of a fresh process loading shard 0 of `index_dir`, with the
+    code of `tree` (default: this checkout)."""
+    cwd = tree or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", _PROBE, os.path.abspath(index_dir)], capture_output=True, text=True,
+                       check=True, cwd=cwd)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def code_bytes(index_dir: str, template_path: str) -> int:
-    """Bytes of one FAISS code in the index's template, plus the 8-byte id stored with it."""
+def add_catalog_rows(index_dir: str, seed: int = 0) -> None:
+    """Give every vector of a vectors-only build the uri, sha256 and perceptual hash an image has."""
+    import pyarrow as pa
+
     from indexing import storage
-    from indexing.shards import read_index
-
-    template = read_index(storage.join(index_dir, template_path))
-    ivf = faiss.try_extract_index_ivf(template)
-    return (ivf.code_size if ivf is not None else faiss.downcast_index(faiss.downcast_index(template).index).code_size) + 8
-
-
-def bench_memory(workdir: str, sizes: tuple[int, int], dim: int = 128) -> list[dict]:
-    """One-shard indexes of two sizes (the default factory), their load cost and the slope."""
-    from bench.vectors import synthetic
-    from configs.schema import load_config
-    from indexing.build import build_from_vectors
+    from indexing.build import read_embeddings
+    from indexing.catalog import SCHEMA, sha_keys, write_catalog
     from indexing.manifest import read_manifest
 
-    rows, loaded = [], []
-    for n in sizes:
-        d = os.path.join(workdir, f"memory-{n}-d{dim}")
-        if not os.path.exists(os.path.join(d, "manifest.json")):
-            build_from_vectors(synthetic(n, dim, queries=1).base, None, d, load_config(), 1, None)
-        cost, m = load_cost(d), read_manifest(d)
-        loaded.append(cost)
-        rows.append({"vectors": cost["vectors"], "factory": m.factory, "dim": dim,
-                     "load_rss_mb": cost["load_rss_bytes"] / 2**20, "bytes_per_vector": cost["load_rss_bytes"] / cost["vectors"],
-                     "code_plus_id_bytes": code_bytes(d, m.template)})
-    small, big = rows
-    slope = (loaded[1]["load_rss_bytes"] - loaded[0]["load_rss_bytes"]) / (loaded[1]["vectors"] - loaded[0]["vectors"])
-    rows.append({"vectors": f"slope {small['vectors']}->{big['vectors']}", "factory": big["factory"], "dim": dim,
-                 "bytes_per_vector": slope, "code_plus_id_bytes": big["code_plus_id_bytes"]})
-    LOG.info("shard memory: %.0f bytes per vector (code + id: %d)", slope, big["code_plus_id_bytes"])
+    m = read_manifest(index_dir)
+    ids = np.sort(read_embeddings(storage.join(index_dir, m.embeddings), columns=["id"]).column("id").to_numpy())
+    rng = np.random.default_rng(seed)
+    digests = rng.integers(0, 256, size=(len(ids), 32), dtype=np.uint8)
+    shas = pa.array([d.tobytes().hex() for d in digests])
+    uris = pa.array([f"s3://photos-bucket/2026/11/{i % 1000:03d}/IMG_{i:012d}.jpg" for i in ids.tolist()])
+    table = pa.table([pa.array(ids), uris, shas, pa.array(sha_keys(shas)),
+                      pa.array(rng.integers(-2**63, 2**63 - 1, len(ids), dtype=np.int64)),
+                      pa.array(np.zeros(len(ids), np.uint8))], schema=SCHEMA)
+    write_catalog(storage.join(index_dir, m.catalog), table)
+
+
+def bench_memory(workdir: str, sizes: tuple[int, int], dim: int = 256, factories: Optional[list[str]] = None,
+                 baseline_tree: Optional[str] = None) -> list[dict]:
+    """Two sizes of one-shard indexes per factory: ready time and resident bytes, with the slope
+    per vector; with `baseline_tree`, the earlier implementation on the same directories first."""
+    from bench.vectors import synthetic
+    from configs.schema import load_config
+    from evaluation.codecs import code_bytes
+    from indexing import storage
+    from indexing.build import build_from_vectors
+    from indexing.manifest import read_manifest
+    from indexing.shards import read_index
+
+    cfg = load_config()
+    factories = factories or [cfg.index.auto_factory, cfg.index.compact_factory]
+    rows = []
+    for factory in factories:
+        runs: dict[str, list[dict]] = {}
+        for n in sizes:
+            d = os.path.join(workdir, f"memory-{n}-d{dim}-{factory.replace(',', '_').replace('{', '').replace('}', '')}")
+            if not os.path.exists(os.path.join(d, "manifest.json")):
+                build_from_vectors(synthetic(n, dim, queries=1).base, None, d, cfg, 1, factory)
+                add_catalog_rows(d)
+            m = read_manifest(d)
+            code = code_bytes(read_index(storage.join(d, m.template)))
+            probes = ([("baseline", baseline_tree)] if baseline_tree else []) + [("first load", None), ("mapped", None)]
+            for impl, tree in probes:
+                if impl == "first load":  # the metadata file a first replica converts from the catalog
+                    for f in _sidecars(d):
+                        os.remove(f)
+                cost = load_cost(d, tree)
+                runs.setdefault(impl, []).append(cost)
+                rows.append({"factory": m.factory, "impl": impl, "vectors": cost["vectors"], "dim": dim,
+                             "code_plus_id_bytes": code, "ready_s": round(cost["ready_s"], 3),
+                             "load_rss_mb": round(cost["load_rss_bytes"] / 2**20, 1),
+                             "scanned_rss_mb": round(cost["scanned_rss_bytes"] / 2**20, 1)})
+        for impl, (small, big) in runs.items():
+            dv = big["vectors"] - small["vectors"]
+            rows.append({"factory": m.factory, "impl": impl, "vectors": f"slope {small['vectors']}->{big['vectors']}",
+                         "dim": dim, "code_plus_id_bytes": code, "ready_s": round(big["ready_s"], 3),
+                         "load_bytes_per_vector": round((big["load_rss_bytes"] - small["load_rss_bytes"]) / dv, 1),
+                         "scanned_bytes_per_vector": round((big["scanned_rss_bytes"] - small["scanned_rss_bytes"]) / dv, 1)})
+            LOG.info("%s %s: %.0f B/vector after a full scan (code + id %d), ready in %.2f s", m.factory, impl,
+                     rows[-1]["scanned_bytes_per_vector"], code, big["ready_s"])
     return rows
+
+
+def _sidecars(index_dir: str) -> list[str]:
+    live = os.path.join(index_dir, "live")
+    return [os.path.join(r, f) for r, _, fs in os.walk(live) for f in fs if f.endswith(".g0.arrow")] if os.path.isdir(live) else []

@@ -9,7 +9,8 @@ COLUMNS = {
     "indexing": ["path", "images", "seconds", "images_per_s", "vs_single_process"],
     "embedding": ["path", "images", "errors", "images_per_s", "vs_torch_loop", "p50_ms", "p99_ms"],
     "load": ["mode", "concurrency", "requests", "errors", "p50_ms", "p99_ms", "qps", "saturation", "stopped"],
-    "memory": ["vectors", "factory", "dim", "load_rss_mb", "bytes_per_vector", "code_plus_id_bytes"],
+    "memory": ["factory", "impl", "vectors", "dim", "code_plus_id_bytes", "ready_s", "load_rss_mb", "scanned_rss_mb",
+               "load_bytes_per_vector", "scanned_bytes_per_vector"],
     "search": ["dataset", "engine", "index", "nprobe", "concurrency", "recall@10", "qps", "ms_per_query", "p50_ms", "p99_ms", "build_s"],
     "levers": ["lever", "engine", "concurrency", "recall@10", "qps", "p50_ms", "p99_ms", "errors"],
 }
@@ -75,17 +76,19 @@ def plot_all(results: dict, out: str) -> None:
         fig.savefig(os.path.join(out, "load.png"), dpi=110)
         plt.close(fig)
     bars = [(k, "path", "images_per_s", "images per second") for k in ("indexing", "embedding")]
-    bars.append(("memory", "vectors", "bytes_per_vector", "resident bytes per vector"))
+    bars.append(("memory", "impl", "scanned_bytes_per_vector", "resident bytes per vector after a full scan"))
     for key, label, value, title in bars:
-        rows = results.get(key)
+        rows = [r for r in results.get(key) or [] if value in r]  # memory: the slope rows
         if not rows:
             continue
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        names = [str(r[label]) for r in rows]
+        names = [f"{r['factory']} {r[label]}" if key == "memory" else str(r[label]) for r in rows]
         ax.barh(names, [r[value] for r in rows])
         if key == "memory":
-            ax.axvline(rows[0]["code_plus_id_bytes"], color="k", ls="--", label="code + id bytes")
-            ax.legend(fontsize=8)
+            for c in sorted({r["code_plus_id_bytes"] for r in rows}):
+                ax.axvline(c, color="k", ls="--", lw=0.8)
+                ax.axvline(c + 24, color="r", ls=":", lw=0.8)
+            ax.set_xlabel("dashed: code + id bytes; dotted: + 24 (the target)", fontsize=7)
         ax.set_title(title)
         ax.tick_params(labelsize=7)
         fig.tight_layout()

@@ -52,25 +52,14 @@ def synthetic(n: int, dim: int = 128, queries: int = 500, k: int = 10, seed: int
 def real_embeddings(images: str, cache_dir: str, views: int, queries: int = 200, k: int = 10, seed: int = 0) -> VectorSet:
     """EfficientNet-Lite0 embeddings of a folder of photos, plus `views - 1` augmented views of each
     (more real vectors from the same photos); cached as .npy. Queries are held-out photos."""
-    import torch
-
-    from embedding.augment import source_size, view_transform, views as random_views
-    from embedding.embedder import Embedder
-    from embedding.train import preload
-    from evaluation.run import embed_paths
+    from evaluation.codecs import embed_with_views
     from indexing.storage import list_files
 
     path = os.path.join(cache_dir, f"real-{os.path.basename(os.path.normpath(images))}-x{views}.npy")
     if not os.path.exists(path):
-        emb, t0 = Embedder(), time.time()
+        t0 = time.time()
         paths = [rel for _, rel in list_files(images, (".jpg", ".jpeg", ".png"))]
-        out = [embed_paths(emb, images, paths)]
-        if views > 1:
-            big = preload(images, paths, source_size(emb.cfg.image_size), emb.decode_cfg)
-            torch.manual_seed(seed)
-            transform = view_transform(emb.cfg.image_size)
-            for _ in range(views - 1):
-                out.append(emb.embed_pixels(random_views(big, range(len(big)), transform).numpy()))
+        out = [embed_with_views(images, paths, views, seed)]
         os.makedirs(cache_dir, exist_ok=True)
         np.save(path, np.concatenate(out))
         LOG.info("embedded %d photos x %d views in %.0f s", len(paths), views, time.time() - t0)

@@ -54,6 +54,9 @@ class IndexConfig(_Strict):
     )
     auto_factory: str = Field("IVF{nlist},SQ8", description="the factory 'auto' uses at or above flat_below vectors")
     flat_below: int = Field(1000, ge=0, description="'auto' uses exact Flat search below this many vectors")
+    compact_factory: str = Field("OPQ64_256,IVF{nlist},PQ64",
+                                 description="the factory 'auto' uses at or above compact_above vectors (<= 64 B/vector)")
+    compact_above: PositiveInt = Field(1_000_000, description="'auto' uses compact_factory from this many vectors")
     metric: Literal["ip", "l2"] = Field("ip", description="ip on L2-normalised vectors is cosine similarity")
     nlist: Optional[PositiveInt] = Field(None, description="IVF cells; None: about 4*sqrt(n), capped by the training sample")
     pq_m: Optional[PositiveInt] = Field(None, description="PQ sub-quantizers for {m}; None: dim/4")

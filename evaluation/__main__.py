@@ -108,6 +108,31 @@ def _cmd_copies(args) -> int:
     return 0
 
 
+def _cmd_codecs(args) -> int:
+    from evaluation.codecs import FACTORIES, codec_quality, embed_study
+    from evaluation.run import category_judgements
+
+    judged = category_judgements(args.labels)
+    root = args.root or os.path.dirname(os.path.abspath(args.labels))
+    from evaluation.run import read_images
+
+    read_images(root, judged.database[:1])  # a wrong --root fails now, not after minutes of embedding
+    edit = {"crop": args.crop, "scale": args.scale, "quality": args.quality}
+    study = embed_study(root, judged.database, args.views, edit, args.cache)
+    nprobe = load_config(args.config).index.nprobe
+    rows = []
+    for factory in args.factories or FACTORIES:
+        rows.append(codec_quality(judged, judged.database, study, factory, nprobe))
+        print("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in rows[-1].values()) + " |",
+              flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"photos": len(judged.database), "views": args.views, "edit": edit, "nprobe": nprobe,
+                       "rows": rows}, f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -147,6 +172,18 @@ def main(argv=None) -> int:
                    help="the heavy edit set of the training report (crop to 50%% area, 15 deg, hue+saturation, q20)")
     e.add_argument("--config", help="YAML config (model settings)")
     e.set_defaults(fn=_cmd_edits)
+    q = sub.add_parser("codecs", help="quality per byte: nDCG@10, mAP and near-duplicate recall@1 of FAISS factories")
+    q.add_argument("--labels", required=True, help="CSV path,category")
+    q.add_argument("--root", help="folder the CSV paths are relative to (default: the CSV's folder)")
+    q.add_argument("--views", type=int, default=5, help="the photos plus views-1 augmented views train the codecs")
+    q.add_argument("--factories", nargs="+", help="factory strings with optional {nlist} (default: a sweep of code sizes)")
+    q.add_argument("--crop", type=float, default=0.05, help="edited copy: fraction cropped from each side")
+    q.add_argument("--scale", type=float, default=0.5, help="edited copy: resize factor")
+    q.add_argument("--quality", type=int, default=50, help="edited copy: JPEG quality")
+    q.add_argument("--cache", default="bench/results/cache", help="where the embeddings are cached")
+    q.add_argument("--config", help="YAML config (index.nprobe)")
+    q.add_argument("--out", help="write the rows as JSON here")
+    q.set_defaults(fn=_cmd_codecs)
     c = sub.add_parser("copies", help="perceptual-hash bits of edited copies vs distinct images (collapse threshold)")
     c.add_argument("--labels", required=True, help="CSV whose first column lists the images")
     c.add_argument("--root", help="folder the CSV paths are relative to (default: the CSV's folder)")

@@ -19,12 +19,13 @@ def choose_nlist(n: int, n_train: int) -> int:
 def choose_factory(cfg: IndexConfig, n: int, dim: int, n_train: int, override: str | None = None) -> str:
     """The concrete factory string for a corpus of n vectors of size dim.
 
-    'auto' means exact Flat below `flat_below` vectors and `auto_factory` above; {nlist} and {m}
-    placeholders are filled from the config or from the corpus size.
+    'auto' means exact Flat below `flat_below` vectors, `auto_factory` up to `compact_above` and
+    `compact_factory` from there on; {nlist} and {m} placeholders are filled from the config or
+    from the corpus size.
     """
     factory = override or cfg.factory
     if factory == "auto":
-        factory = "Flat" if n < cfg.flat_below else cfg.auto_factory
+        factory = "Flat" if n < cfg.flat_below else cfg.auto_factory if n < cfg.compact_above else cfg.compact_factory
     nlist = cfg.nlist or choose_nlist(n, n_train)
     m = cfg.pq_m or max(1, dim // 4)
     try:

@@ -39,3 +39,19 @@ def test_wrong_dimension_is_refused(rng):
     index = make_template("Flat", 8, "ip", unit(rng, 10, 8))
     with pytest.raises(ValueError, match=r"\(n, 8\)"):
         search_shard(index, np.zeros((1, 9), np.float32), 3, nprobe=1)
+
+
+def test_auto_factory_grows_compact_with_the_corpus():
+    from configs.schema import IndexConfig
+    from indexing.template import choose_factory
+
+    cfg = IndexConfig()
+    assert choose_factory(cfg, 500, 1280, 500) == "Flat"
+    assert choose_factory(cfg, 200_000, 1280, 200_000).endswith(",SQ8")
+    big = choose_factory(cfg, cfg.compact_above, 1280, 200_000)
+    assert big == cfg.compact_factory.format(nlist=4096)
+    import faiss
+
+    from evaluation.codecs import code_bytes
+
+    assert code_bytes(faiss.index_factory(1280, big)) <= 64 + 8  # at most 64 code bytes per vector, plus its id
