@@ -83,7 +83,8 @@ def bench_memory(workdir: str, sizes: tuple[int, int], dim: int = 256, factories
     from indexing.manifest import read_manifest
     from indexing.shards import read_index
 
-    cfg = load_config()
+    # The training sample changes neither memory nor start-up; a small one keeps OPQ training short.
+    cfg = load_config(None, {"index": {"train_sample": 50_000}})
     factories = factories or [cfg.index.auto_factory, cfg.index.compact_factory]
     rows = []
     for factory in factories:

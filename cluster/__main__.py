@@ -7,7 +7,7 @@ import sys
 
 from pydantic import ValidationError
 
-from cluster.plan import PlanInput, format_plan, make_plan
+from cluster.plan import PlanInput, format_plan, make_plan, measured
 
 
 def _number(text: str) -> float | int:
@@ -21,18 +21,23 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="verb", required=True)
     pl = sub.add_parser("plan", help="shards, memory, nodes and GPUs for a corpus")
     for name, field in PlanInput.model_fields.items():
-        pl.add_argument(f"--{name.replace('_', '-')}", type=_number, default=None, help=field.description)
+        if name not in ("measured_bytes_per_vector", "factory"):
+            pl.add_argument(f"--{name.replace('_', '-')}", type=_number, default=None, help=field.description)
+    pl.add_argument("--measured", help="bench memory JSON (bench/results/memory.json): bytes per vector as measured")
+    pl.add_argument("--factory", help="with --measured: the factory to size (default: the most compact measured)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k in PlanInput.model_fields and v is not None}
     try:
+        if args.measured:
+            values["measured_bytes_per_vector"], values["factory"] = measured(args.measured, args.factory)
         inp = PlanInput(**values)
         plan = make_plan(inp)
     except ValidationError as e:
         print("error: " + "; ".join(f"--{'-'.join(str(x) for x in er['loc'])}: {er['msg']}" for er in e.errors()),
               file=sys.stderr)
         return 2
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"input": inp.model_dump(), "plan": plan}, indent=1) if args.json else format_plan(inp, plan))

@@ -1,7 +1,8 @@
 """Capacity plan for a corpus: shards, memory, nodes and GPUs.
 
 Formulas (all sizes in bytes, GiB = 2**30):
-  bytes_per_vector   = code_bytes + id_bytes + ivf_overhead_bytes
+  bytes_per_vector   = measured resident bytes per vector of a shard replica (`--measured`: the
+                       JSON `python -m bench memory` writes), else code_bytes + id_bytes + ivf_overhead_bytes
   index_bytes        = images * bytes_per_vector                      (one copy)
   shards             = ceil(index_bytes / (max_shard_gib * GiB))
   vectors_per_shard  = ceil(images / shards);  shard_bytes = vectors_per_shard * bytes_per_vector
@@ -36,12 +37,31 @@ class PlanInput(BaseModel):
     shard_replica_qps: PositiveFloat = Field(500, description="queries per second one shard replica answers")
     gpu_images_per_s: PositiveFloat = Field(2000, description="embedding throughput of one GPU")
     reindex_hours: PositiveFloat = Field(72, description="wall-clock budget for a full re-embed")
+    measured_bytes_per_vector: PositiveFloat | None = Field(
+        None, description="resident bytes per vector measured in a replica; replaces code + id + overhead")
+    factory: str = Field("", description="the factory the bytes per vector belong to (reported)")
+
+
+def measured(path: str, factory: str | None = None) -> tuple[float, str]:
+    """(resident bytes per vector after a full scan, factory) from `python -m bench memory` JSON:
+    the slope of the current implementation for `factory` (default: the most compact measured)."""
+    import json
+
+    with open(path) as f:
+        rows = json.load(f)
+    rows = rows.get("memory", rows) if isinstance(rows, dict) else rows
+    slopes = [r for r in rows if r.get("impl") == "mapped" and "scanned_bytes_per_vector" in r
+              and (factory is None or r["factory"] == factory)]
+    if not slopes:
+        raise ValueError(f"{path} has no measured slope{f' for factory {factory}' if factory else ''}: "
+                         "run `python -m bench memory` first")
+    best = min(slopes, key=lambda r: r["scanned_bytes_per_vector"])
+    return float(best["scanned_bytes_per_vector"]), best["factory"]
 
 
 def make_plan(p: PlanInput) -> dict:
     """Apply the module formulas; returns every intermediate quantity."""
-    code = p.code_bytes or p.dim
-    bpv = code + p.id_bytes + p.ivf_overhead_bytes
+    bpv = p.measured_bytes_per_vector or (p.code_bytes or p.dim) + p.id_bytes + p.ivf_overhead_bytes
     index_bytes = p.images * bpv
     shards = max(1, math.ceil(index_bytes / (p.max_shard_gib * GIB)))
     vps = math.ceil(p.images / shards)
@@ -70,7 +90,8 @@ def format_plan(p: PlanInput, plan: dict) -> str:
     """Human-readable plan."""
     tib = 2**40
     return "\n".join([
-        f"corpus            {p.images:,} images, dim {p.dim}, {plan['bytes_per_vector']:.0f} B/vector",
+        f"corpus            {p.images:,} images, dim {p.dim}, {plan['bytes_per_vector']:.0f} B/vector "
+        + (f"(measured, {p.factory or 'factory not named'})" if p.measured_bytes_per_vector else "(code + id + overhead)"),
         f"index (1 copy)    {plan['index_bytes'] / tib:,.2f} TiB",
         f"shards            {plan['shards']:,} x {plan['vectors_per_shard']:,} vectors "
         f"({plan['shard_bytes'] / GIB:,.1f} GiB each)",

@@ -22,7 +22,8 @@ LOG = logging.getLogger(__name__)
 
 FACTORIES = (
     "Flat", "IVF{nlist},SQ8", "PCA256,IVF{nlist},SQ8", "PCA128,IVF{nlist},SQ8", "PCA64,IVF{nlist},SQ8",
-    "PCA128,IVF{nlist},SQ4", "OPQ64_256,IVF{nlist},PQ64", "OPQ32_256,IVF{nlist},PQ32", "OPQ16_128,IVF{nlist},PQ16",
+    "PCA128,IVF{nlist},SQ4", "OPQ64_256,IVF{nlist},PQ64", "OPQ32_256,IVF{nlist},PQ32",
+    "IVF{nlist},PQ64", "OPQ64,IVF{nlist},PQ64", "OPQ32,IVF{nlist},PQ32",
 )
 
 
@@ -91,8 +92,8 @@ def codec_quality(judged: Judgements, paths: Sequence[str], study: dict, factory
     t0 = time.time()
     index = make_template(concrete, x.shape[1], "ip", train)
     add_to_shard(index, np.arange(len(x)), x)
-    D, I = search_shard(index, x, k + 1, nprobe)
-    ranked = [[paths[j] for j in row if 0 <= j != q][:k] for q, row in enumerate(I)]
+    _, I = search_shard(index, x, len(x), nprobe)  # the whole ranking the index gives: mAP needs depth
+    ranked = [[paths[j] for j in row if 0 <= j != q] for q, row in enumerate(I)]
     by_query = dict(zip(paths, ranked))
     quality = score(judged, [by_query[q] for q in judged.queries], k, [1, 10])
     _, top = search_shard(index, study["edited"], 1, nprobe)

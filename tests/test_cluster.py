@@ -70,3 +70,18 @@ def test_cluster_configs_start_ray_with_the_fast_path(path):
     text = (ROOT / path).read_text()
     for name in FAST_PATH:
         assert name in text, f"{path} does not set {name}"
+
+
+def test_plan_takes_bytes_per_vector_from_a_memory_benchmark(tmp_path, capsys):
+    import json
+
+    rows = [{"factory": "IVF4096,SQ8", "impl": "mapped", "vectors": "slope", "scanned_bytes_per_vector": 281.0},
+            {"factory": "OPQ64_256,IVF4096,PQ64", "impl": "mapped", "vectors": "slope", "scanned_bytes_per_vector": 90.5},
+            {"factory": "OPQ64_256,IVF4096,PQ64", "impl": "baseline", "vectors": "slope", "scanned_bytes_per_vector": 400.0}]
+    (tmp_path / "memory.json").write_text(json.dumps({"memory": rows}))
+    assert cluster_main(["plan", "--images", "1e11", "--measured", str(tmp_path / "memory.json")]) == 0
+    out = capsys.readouterr().out
+    assert "90 B/vector (measured, OPQ64_256,IVF4096,PQ64)" in out
+    assert cluster_main(["plan", "--images", "1e11", "--measured", str(tmp_path / "memory.json"), "--factory", "IVF4096,SQ8"]) == 0
+    assert "281 B/vector (measured, IVF4096,SQ8)" in capsys.readouterr().out
+    assert cluster_main(["plan", "--images", "1e11", "--measured", str(tmp_path / "nope.json")]) == 2
