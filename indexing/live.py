@@ -276,7 +276,8 @@ class LiveShard:
                 keep &= ~np.isin(c.ids, np.fromiter(drop, np.int64, len(drop)))
         if ids is not None:
             keep &= np.isin(c.ids, ids)
-        rows = self.rows if ids is None else {i: r for i, r in self.rows.items() if i in set(ids.tolist())}
+        wanted = None if ids is None else set(ids.tolist())
+        rows = self.rows if wanted is None else {i: r for i, r in self.rows.items() if i in wanted}
         both = pa.concat_tables([c.table.filter(pa.array(keep)), table_from_rows(rows)])
         return both.take(pc.sort_indices(both.column("id")))
 
