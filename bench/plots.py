@@ -9,8 +9,9 @@ COLUMNS = {
     "indexing": ["path", "images", "seconds", "images_per_s", "vs_single_process"],
     "embedding": ["path", "images", "errors", "images_per_s", "vs_torch_loop", "p50_ms", "p99_ms"],
     "load": ["mode", "concurrency", "requests", "errors", "p50_ms", "p99_ms", "qps", "saturation", "stopped"],
-    "memory": ["factory", "impl", "vectors", "dim", "code_plus_id_bytes", "ready_s", "load_rss_mb", "scanned_rss_mb",
-               "load_bytes_per_vector", "scanned_bytes_per_vector"],
+    "memory": ["factory", "impl", "vectors", "dim", "code_plus_id_bytes", "ready_s", "load_anon_mb", "load_file_mb",
+               "scanned_anon_mb", "scanned_file_mb", "private_bytes_per_vector", "page_cache_bytes_per_vector",
+               "scanned_bytes_per_vector"],
     "search": ["dataset", "engine", "index", "nprobe", "concurrency", "recall@10", "qps", "ms_per_query", "p50_ms", "p99_ms", "build_s"],
     "levers": ["lever", "engine", "concurrency", "recall@10", "qps", "p50_ms", "p99_ms", "errors"],
 }

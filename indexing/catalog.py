@@ -135,7 +135,7 @@ class Columns:
             return c.chunk(0).to_numpy(zero_copy_only=True) if c.num_chunks else np.zeros(0, SCHEMA.field(name).type.to_pandas_dtype())
 
         self.ids, self.sha64, self.phash, self.flags = col("id"), col("sha64"), col("phash"), col("flags")
-        self._uri, self._sha = self.table.column("uri"), self.table.column("sha256")
+        self._uri, self._sha = _strings(self.table.column("uri")), _strings(self.table.column("sha256"))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -148,9 +148,19 @@ class Columns:
     def row(self, p: int) -> list:
         """[uri, sha256, private, unsafe, phash or None] of row p."""
         f, h = int(self.flags[p]), int(self.phash[p])
-        return [self._uri[p].as_py(), self._sha[p].as_py(), bool(f & PRIVATE), bool(f & UNSAFE),
-                None if h == NO_HASH else h]
+        return [self._uri(p), self._sha(p), bool(f & PRIVATE), bool(f & UNSAFE), None if h == NO_HASH else h]
 
     def uri(self, p: int) -> str:
-        return self._uri[p].as_py()
+        return self._uri(p)
+
+
+def _strings(column: pa.ChunkedArray):
+    """p -> the p-th string of a one-chunk string column, read straight from its offsets and data
+    buffers (no pyarrow scalar per lookup)."""
+    if not column.num_chunks:
+        return lambda p: ""
+    chunk = column.chunk(0)
+    offsets = np.frombuffer(chunk.buffers()[1], np.int32, len(chunk) + 1, chunk.offset * 4)
+    data = memoryview(chunk.buffers()[2]) if chunk.buffers()[2] is not None else memoryview(b"")
+    return lambda p: bytes(data[offsets[p] : offsets[p + 1]]).decode()
 

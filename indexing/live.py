@@ -184,6 +184,8 @@ class LiveShard:
         if self.live is None:
             return mine
         write_snapshot(self._path("g0.arrow"), mine)
+        del catalog, mine
+        pa.default_memory_pool().release_unused()  # the catalog was read whole: give its pages back
         return open_snapshot(self._path("g0.arrow"))
 
     # ------------------------------------------------------------------ applying writes
