@@ -22,7 +22,7 @@ LOG = logging.getLogger(__name__)
 
 FACTORIES = (
     "Flat", "IVF{nlist},SQ8", "PCA256,IVF{nlist},SQ8", "PCA128,IVF{nlist},SQ8", "PCA64,IVF{nlist},SQ8",
-    "PCA128,IVF{nlist},SQ4", "IVF{nlist},PQ64", "OPQ64_256,IVF{nlist},PQ64", "OPQ32_256,IVF{nlist},PQ32",
+    "PCA128,IVF{nlist},SQ4", "IVF{nlist},PQ64", "OPQ64_256,IVF{nlist},PQ64",
 )
 
 
