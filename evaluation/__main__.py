@@ -110,12 +110,10 @@ def _cmd_copies(args) -> int:
 
 def _cmd_codecs(args) -> int:
     from evaluation.codecs import FACTORIES, codec_quality, embed_study
-    from evaluation.run import category_judgements
+    from evaluation.run import category_judgements, read_images
 
     judged = category_judgements(args.labels)
     root = args.root or os.path.dirname(os.path.abspath(args.labels))
-    from evaluation.run import read_images
-
     read_images(root, judged.database[:1])  # a wrong --root fails now, not after minutes of embedding
     edit = {"crop": args.crop, "scale": args.scale, "quality": args.quality}
     study = embed_study(root, judged.database, args.views, edit, args.cache)

@@ -26,9 +26,10 @@ FACTORIES = (
 )
 
 
-def embed_with_views(root: str, paths: Sequence[str], views: int, seed: int = 0) -> np.ndarray:
+def embed_with_views(root: str, paths: Sequence[str], views: int, seed: int = 0, emb=None) -> np.ndarray:
     """(views * n, d) embeddings: the photos, then `views - 1` rounds of random augmented views of
-    each (the training augmentations: crops, flips, colour), in the order of `paths`."""
+    each (the training augmentations: crops, flips, colour), in the order of `paths`, by `emb`
+    (default: a new Embedder of the default model)."""
     import torch
 
     from embedding.augment import source_size, view_transform, views as random_views
@@ -36,7 +37,7 @@ def embed_with_views(root: str, paths: Sequence[str], views: int, seed: int = 0)
     from embedding.train import preload
     from evaluation.run import embed_paths
 
-    emb = Embedder()
+    emb = emb or Embedder()
     out = [embed_paths(emb, root, list(paths))]
     if views > 1:
         big = preload(root, list(paths), source_size(emb.cfg.image_size), emb.decode_cfg)
@@ -58,9 +59,10 @@ def embed_study(root: str, paths: Sequence[str], views: int, edit: dict, cache_d
     if os.path.exists(path):
         return dict(np.load(path))
     t0 = time.time()
-    x = embed_with_views(root, paths, views)
+    emb = Embedder()  # one model for photos, views and copies
+    x = embed_with_views(root, paths, views, emb=emb)
     n = len(paths)
-    edited = Embedder().embed_bytes([edited_copy(d, **edit) for d in read_images(root, list(paths))])
+    edited = emb.embed_bytes([edited_copy(d, **edit) for d in read_images(root, list(paths))])
     out = {"photos": x[:n], "views": x[n:], "edited": edited}
     os.makedirs(cache_dir, exist_ok=True)
     np.savez(path, **out)

@@ -55,8 +55,8 @@ def sha_keys(shas: pa.Array) -> np.ndarray:
         digits = _HEX[data[starts[:, None] + np.arange(16)]]
         out[full] = (digits << (np.uint64(4) * np.arange(15, -1, -1, dtype=np.uint64))).sum(axis=1, dtype=np.uint64)
     for i in np.flatnonzero(~full & (lengths > 0)):  # short strings: only tests and hand-made rows
-        out[i] = int(shas[int(i)].as_py().ljust(16, "0")[:16], 16) if _is_hex(shas[int(i)].as_py()) else \
-            int.from_bytes(shas[int(i)].as_py().encode()[:8].ljust(8, b"\0"), "big")
+        s = shas[int(i)].as_py()
+        out[i] = int(s.ljust(16, "0"), 16) if _is_hex(s) else int.from_bytes(s.encode()[:8].ljust(8, b"\0"), "big")
     return out.view(np.int64)
 
 

@@ -382,7 +382,9 @@ class LiveShard:
                 if self.log_bytes() < min_log_bytes:
                     return None
                 g = self.generation + 1
-                full, table = self.materialize(), self.table()
+            # Outside the mutex: reading the whole snapshot takes seconds, and with the lock held
+            # no record can arrive, so the state stays put while this replica's searches go on.
+            full, table = self.materialize(), self.table()
             index_path, meta_path = self._path(f"g{g}.faiss"), self._path(f"g{g}.arrow")
             try:
                 storage.write_file_atomic(index_path, lambda tmp: faiss.write_index(full, tmp))
