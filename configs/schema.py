@@ -135,6 +135,10 @@ class ServeConfig(_Strict):
         "out of deployment arguments, which the Ray dashboard shows; e.g. a mounted Kubernetes secret)")
     read_tokens: list[str] = Field(default_factory=list, description="when set (or env IMSEARCH_READ_TOKENS), reads need one of these or a write token")
     compact_after_bytes: PositiveInt = Field(64 * 1024 * 1024, description="a shard snapshots and trims its log past this size")
+    thumbnail_cache_bytes: int = Field(
+        32 * 1024 * 1024, ge=0, description="thumbnails each Ingress replica keeps in memory (GET /images/{id}/thumbnail)")
+    max_concurrent_thumbnails: PositiveInt = Field(
+        2, description="thumbnails one Ingress replica makes at once (each decodes a whole image in a thread)")
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,7 @@ import numpy as np
 from ray import serve
 
 from configs.schema import DecodeConfig, ModelConfig
+from deployments.metrics import EmbedderMetrics
 from embedding.copies import perceptual_hash
 from embedding.decode import ImageDecodeError
 
@@ -27,6 +28,7 @@ class Embedder:
         # Each decode may hold up to decode.max_pixels x 3 bytes (and a copy while converting):
         # a bound on how many run at once is a bound on the replica's memory.
         self.decodes = asyncio.Semaphore(max_concurrent_decodes)
+        self.metrics = EmbedderMetrics()
         if self.model.device.type == "cpu":
             # Ray pins OMP_NUM_THREADS to the replica's fractional CPU reservation (1 thread); a CPU
             # embedder is the one stage that needs the whole host to keep up with the shards.
@@ -42,6 +44,7 @@ class Embedder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        self.metrics.batch.observe(len(pixels))
         # The forward pass runs in a thread so the replica keeps accepting requests into the next batch.
         vectors = await asyncio.to_thread(self.model.embed_pixels, np.stack(pixels))
         return list(vectors)

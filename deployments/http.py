@@ -116,6 +116,11 @@ def parse_nprobe(raw, max_nprobe: int) -> Optional[int]:
     return None if raw is None else _integer(raw, 1, max_nprobe, "nprobe")
 
 
+def parse_size(raw, default: int, lo: int, hi: int) -> int:
+    """A thumbnail size in pixels; 422 unless an integer in lo..hi."""
+    return default if raw is None else _integer(raw, lo, hi, "size")
+
+
 def vector_body_limit(content_type: str, dim: int, max_vectors: int) -> int:
     """Largest body a vector search can need: the binary size, or about 32 characters per number
     of JSON. A body past it is refused before any parsing."""

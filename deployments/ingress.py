@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -27,9 +28,10 @@ from starlette.routing import Match, Route
 from configs.schema import DecodeConfig, ServeConfig
 from deployments.http import (
     ApiError, JSONResponse, bearer_token, check_token, load_tokens, parse_bool, parse_flags, parse_image_id, parse_k, parse_nprobe,
-    parse_uri, parse_vector_request, read_body, read_image, token_in, vector_body_limit,
+    parse_size, parse_uri, parse_vector_request, read_body, read_image, token_in, vector_body_limit,
 )
-from deployments import openapi
+from deployments import openapi, thumbnails
+from deployments.metrics import DECODE_EMBED, FANOUT, MERGE_RANK, IngressMetrics
 from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, rank, run_batch, within
 from indexing.catalog import sha_key
 from indexing.ids import id_from_bytes, id_from_path
@@ -42,6 +44,11 @@ UNLIMITED = ("/healthz", "/stats")
 # Serve's throughput mode buffers request-path log lines (1,000 of them) and writes them only when
 # the buffer fills: an operator tailing the log of a quiet service saw nothing. Flushed this often.
 ACCESS_LOG_FLUSH_S = 1.0
+# The web page (plain files, no build step) and what each asset is served as.
+WEB_DIR = Path(__file__).resolve().parent / "web"
+ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+# Thumbnails are revalidated after this long, so an image flagged private stops showing soon.
+THUMBNAIL_MAX_AGE_S = 300
 
 
 class Routing(BaseModel):
@@ -94,7 +101,14 @@ class Ingress:
         write_tokens, read_tokens = load_tokens(config_source["config"], config_source["overrides"])
         self.write_tokens = frozenset(write_tokens)
         self.read_tokens = frozenset(read_tokens) | self.write_tokens if read_tokens else None
+        self.metrics = IngressMetrics()
+        self.thumbnails = thumbnails.ThumbnailCache(self.cfg.thumbnail_cache_bytes)
+        self.thumbnail_slots = asyncio.Semaphore(self.cfg.max_concurrent_thumbnails)
+        self.page_html = _page(self.cfg, needs_token=self.read_tokens is not None)
         self.routes = [
+            Route("/", self.page, methods=["GET"]),
+            Route("/ui/{name}", self.asset, methods=["GET"]),
+            Route("/images/{id}/thumbnail", self.thumbnail, methods=["GET"]),
             Route("/images", self.add_image, methods=["POST"]),
             Route("/images/{id}", self.image, methods=["GET", "PUT", "DELETE", "PATCH"]),
             Route("/search", self.search_image, methods=["POST"]),
@@ -129,7 +143,8 @@ class Ingress:
             shards = [serve.get_deployment_handle(name, app_name=app, _check_exists=False) for name in info["shards"]]
             searches = [lambda q, k, p, h=h: h.search.remote(q, k, p) for h in shards]
             router = Router(searches, info["slot_table"], info["metric"], self.cfg.shard_timeout_s,
-                            is_overload=lambda e: isinstance(e, BackPressureError))
+                            is_overload=lambda e: isinstance(e, BackPressureError),
+                            on_fanout=lambda seconds: self.metrics.stage(FANOUT, seconds))
             self.version = IndexVersion(app, info, shards, router)  # a request keeps the version it started on
         return self.version
 
@@ -138,8 +153,9 @@ class Ingress:
         access line per request with the route template (`/images/{id}`), never the raw path."""
         t0 = time.perf_counter()
         response = await self._answer(request)
-        LOG.info("%s %s %d %.1fms", request.method, request.scope.get("route_template", "(no route)"),
-                 response.status_code, (time.perf_counter() - t0) * 1000.0)
+        seconds, route = time.perf_counter() - t0, request.scope.get("route_template", "(no route)")
+        LOG.info("%s %s %d %.1fms", request.method, route, response.status_code, seconds * 1000.0)
+        self.metrics.request(route, request.method, response.status_code, seconds)
         if self._log_flusher is None:
             self._log_flusher = asyncio.create_task(_flush_logs_every(ACCESS_LOG_FLUSH_S))
         return response
@@ -147,20 +163,24 @@ class Ingress:
     async def _answer(self, request: Request) -> Response:
         limited = request.url.path not in UNLIMITED
         try:
+            endpoint = self._route(request)
             if limited and self.in_flight >= self.cfg.max_in_flight:
                 raise overloaded("the service")
             self.in_flight += limited
             try:
-                return await self._dispatch(request)
+                return await endpoint(request)
             finally:
                 self.in_flight -= limited
         except ApiError as e:
+            if e.code == "overloaded":
+                self.metrics.overloads.inc(1, tags={"route": request.scope.get("route_template", "(no route)")})
             return e.response()
         except Exception:
             LOG.exception("internal error on %s", request.scope.get("route_template", "(no route)"))
             return ApiError(500, "internal", "internal error; see the service logs").response()
 
-    async def _dispatch(self, request: Request) -> Response:
+    def _route(self, request: Request):
+        """The endpoint of a request (its route template goes into the scope), else 404 or 405."""
         if self.routing is None:
             raise ApiError(503, "not_configured", "the Ingress has no user_config naming its index application")
         partial = None
@@ -168,7 +188,7 @@ class Ingress:
             match, child = route.matches(request.scope)
             if match == Match.FULL:
                 request.scope.update(child, route_template=route.path)
-                return await route.endpoint(request)
+                return route.endpoint
             partial = partial or (route if match == Match.PARTIAL else None)
         if partial is not None:
             raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
@@ -209,15 +229,21 @@ class Ingress:
             raise ApiError(503, "shards_unavailable", str(hits), headers={"Retry-After": "2"})
         if isinstance(hits, Exception):
             raise hits
+        t0 = time.perf_counter()
         results, collapsed = rank(hits, k, copy_bits=self.cfg.near_duplicate_bits, exclude_sha256=exclude_sha256,
                                   dedupe=dedupe)
+        self.metrics.stage(MERGE_RANK, hits.merge_s + time.perf_counter() - t0)
+        if hits.partial:
+            self.metrics.partial.inc(1)
         return results, collapsed, hits.partial
 
     async def _embed_upload(self, request: Request) -> tuple[np.ndarray, bytes, int]:
         data = await read_image(request, self.decode.max_bytes)
+        t0 = time.perf_counter()
         emb = await _bounded(self.embedder.embed_image.remote(data), self.cfg.embed_timeout_s,
                              ApiError(503, "embedder_timeout", f"the image was not embedded within "
                                       f"{self.cfg.embed_timeout_s} s; retry shortly", headers={"Retry-After": "2"}))
+        self.metrics.stage(DECODE_EMBED, time.perf_counter() - t0)
         if "error" in emb:
             raise ApiError(413 if emb["error"] == "image_too_large" else 400, emb["error"], emb["message"])
         dim = (await self._index()).info["dim"]
@@ -340,6 +366,50 @@ class Ingress:
             raise ApiError(404, "not_found", f"no image {id_}")
         return JSONResponse({"id": id_, **flags})
 
+    # ------------------------------------------------------------------ web page and thumbnails
+
+    async def page(self, request: Request) -> Response:
+        """The search page (deployments/web/): no data in it, so no token needed to load it."""
+        return Response(self.page_html, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    async def asset(self, request: Request) -> Response:
+        """The page's script and style sheet: only the files ASSETS names, never a path from the URL."""
+        name = request.path_params["name"]
+        if name not in ASSETS:
+            raise ApiError(404, "not_found", f"no asset {name!r}")
+        return Response((WEB_DIR / name).read_bytes(), media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+
+    async def thumbnail(self, request: Request) -> Response:
+        """A JPEG of an indexed image, made from the file at its catalog uri when that lies under
+        a folder the index was built from. Revalidated with its ETag (the image's sha256 and the
+        size); 404 for unknown, private and unsafe images alike."""
+        self._authorize_read(request)
+        id_ = parse_image_id(request.path_params["id"])
+        size = parse_size(request.query_params.get("size"), thumbnails.DEFAULT_SIZE, thumbnails.MIN_SIZE,
+                          thumbnails.MAX_SIZE)
+        version = await self._index()
+        meta = await _bounded(version.shard(id_).get.remote(id_), self.cfg.shard_timeout_s,
+                              ApiError(503, "shards_unavailable", f"the shard holding image {id_} did not answer",
+                                       headers={"Retry-After": "2"}))
+        if meta is None or meta["private"] or meta["unsafe"]:
+            raise ApiError(404, "not_found", f"no image {id_}")
+        headers = {"ETag": f'"{meta["sha256"][:32] or id_}-{size}"',
+                   "Cache-Control": f"{'private' if self.read_tokens else 'public'}, max-age={THUMBNAIL_MAX_AGE_S}"}
+        if headers["ETag"] in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        key = (meta["uri"], meta["sha256"], size)
+        data = self.thumbnails.get(key)
+        if data is None:
+            make = (thumbnails.make_thumbnail, meta["uri"], version.info.get("sources", []), size)
+            try:
+                async with self.thumbnail_slots:
+                    data = await asyncio.to_thread(*make, sha256=meta["sha256"], max_bytes=self.decode.max_bytes,
+                                                   max_pixels=self.decode.max_pixels)
+            except thumbnails.NoThumbnail as e:
+                raise ApiError(404, "no_thumbnail", f"image {id_} has no thumbnail: {e}") from None
+            self.thumbnails.put(key, data)
+        return Response(data, media_type="image/jpeg", headers=headers)
+
     # ------------------------------------------------------------------ operators
 
     async def _shard_info(self) -> list[Optional[dict]]:
@@ -376,6 +446,15 @@ class Ingress:
         info = {k: v for k, v in (await self._index()).info.items() if k not in hidden}
         return JSONResponse({**info, "index_app": self.routing.index_app, "writes_paused": self.routing.writes_paused,
                              "total": total, "shards": shards})
+
+
+def _page(cfg: ServeConfig, *, needs_token: bool) -> bytes:
+    """index.html with this service's limits filled in (the page's controls honour them)."""
+    html = (WEB_DIR / "index.html").read_text()
+    for key, value in (("DEFAULT_K", cfg.default_k), ("MAX_K", cfg.max_k), ("MAX_NPROBE", cfg.max_nprobe),
+                       ("NEEDS_TOKEN", str(needs_token).lower())):
+        html = html.replace(f"{{{{{key}}}}}", str(value))
+    return html.encode()
 
 
 async def _flush_logs_every(seconds: float) -> None:

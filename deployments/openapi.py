@@ -115,6 +115,22 @@ def document() -> dict:
                           "responses": {"200": _json({"type": "object", "required": ["id"]}, "flags set"),
                                         **_errors(*COMMON)}},
             },
+            "/images/{id}/thumbnail": {"get": {
+                "summary": "A JPEG thumbnail of an indexed image (404 for unknown, private or unsafe ones, and for "
+                           "images whose file is not under a folder the index was built from)",
+                "security": BEARER + [{}], "parameters": [ID, _query("size", {"type": "integer", "minimum": 32,
+                                                                              "maximum": 1024}, "longer side in pixels (default 256)")],
+                "responses": {"200": {"description": "the thumbnail; revalidate with If-None-Match",
+                                      "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                              "304": {"description": "the cached thumbnail is current"}, **_errors(*COMMON)}}},
+            "/": {"get": {"summary": "The search page", "responses": {
+                "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+            "/ui/{name}": {"get": {
+                "summary": "The page's script and style sheet",
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "the asset", "content": {
+                    "text/javascript": {"schema": {"type": "string"}}, "text/css": {"schema": {"type": "string"}}}},
+                    **_errors(404)}}},
             "/healthz": {"get": {"summary": "Whether every shard answers", "responses": {
                 "200": _json({"type": "object", "required": ["status", "shards_down"]}, "all shards answer"),
                 "503": _json({"type": "object", "required": ["status", "shards_down"]}, "some shard is down")}}},

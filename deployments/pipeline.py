@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
@@ -48,10 +49,11 @@ class Hits:
     ids: np.ndarray                   # (n, fetch) int64, -1 padded
     meta: dict                        # id -> (uri, sha256, perceptual hash) of every returned id
     partial: bool                     # some shard was left out
+    merge_s: float = 0.0              # time the exact merge took (for the merge_rank stage metric)
 
     def rows(self, start: int, stop: int, k: int) -> "Hits":
         """The hits of queries start..stop, cut to the first k candidates."""
-        return Hits(self.scores[start:stop, :k], self.ids[start:stop, :k], self.meta, self.partial)
+        return Hits(self.scores[start:stop, :k], self.ids[start:stop, :k], self.meta, self.partial, self.merge_s)
 
 
 @dataclass
@@ -70,12 +72,14 @@ class Query:
 
 class Router:
     """One index version as the Ingress sees it: a search callable per shard, the slot table that
-    places ids on shards (writes and lookups go to one shard), the deadline of a fan-out."""
+    places ids on shards (writes and lookups go to one shard), the deadline of a fan-out.
+    `on_fanout(seconds)` hears how long each fan-out waited for its shards."""
 
     def __init__(self, shards: Sequence[ShardSearch], slot_table: Sequence[int], metric: str, timeout_s: float,
-                 is_overload: Callable[[BaseException], bool] = lambda e: False):
+                 is_overload: Callable[[BaseException], bool] = lambda e: False,
+                 on_fanout: Callable[[float], None] = lambda seconds: None):
         self.shards, self.slot_table, self.metric, self.timeout_s = list(shards), slot_table, metric, timeout_s
-        self.is_overload = is_overload
+        self.is_overload, self.on_fanout = is_overload, on_fanout
 
     def shard_for(self, id_: int) -> int:
         """The shard that holds (or will hold) an id."""
@@ -86,8 +90,11 @@ class Router:
 
     async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int]) -> Hits:
         """Every shard searches the whole matrix once; exact top-k merge of those that answer in time."""
+        t0 = time.perf_counter()
         answers = await asyncio.gather(*[self._call(s, queries, k, nprobe) for s in self.shards],
                                        return_exceptions=True)
+        t1 = time.perf_counter()
+        self.on_fanout(t1 - t0)
         ok, failed = [], []
         for i, a in enumerate(answers):
             if isinstance(a, BaseException):
@@ -103,7 +110,7 @@ class Router:
                 f"within {self.timeout_s} s" if kinds == ["TimeoutError"] else f"({', '.join(kinds)})"))
         D, I = merge_topk([(a["D"], a["I"]) for a in ok], k, self.metric)
         meta = {i: m for a in ok for i, m in a["meta"].items()}
-        return Hits(D, I, meta, partial=len(ok) < len(self.shards))
+        return Hits(D, I, meta, partial=len(ok) < len(self.shards), merge_s=time.perf_counter() - t1)
 
 
 async def within(response: Any, timeout_s: float, *, keep_running: bool = False) -> Any:

@@ -21,13 +21,14 @@ def document(service):
 
 def test_the_document_names_every_route(document):
     assert document["openapi"].startswith("3.") and set(document["paths"]) == {
-        "/search", "/search/vector", "/embed", "/images", "/images/{id}", "/healthz", "/stats", "/openapi.json"}
+        "/search", "/search/vector", "/embed", "/images", "/images/{id}", "/images/{id}/thumbnail", "/healthz", "/stats",
+        "/openapi.json", "/", "/ui/{name}"}
 
 
 def test_no_5xx_and_every_answer_matches_the_schema(service, document):
     schema = schemathesis.openapi.from_dict(document)
     operations = [op.ok() for op in schema.get_all_operations()]
-    assert len(operations) == 11
+    assert len(operations) == 14
     for op in operations:
         @settings(max_examples=12, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
