@@ -8,11 +8,18 @@ cluster/grafana-dashboard.json charts them.
 """
 from __future__ import annotations
 
+import threading
+import time
+from typing import Callable
+
 from ray.serve import metrics
 
 # Seconds: 1 ms .. 30 s, about three buckets a decade (the request timeout is 30 s).
 LATENCY_BUCKETS_S = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
+# Ray forgets a gauge not set again within two export intervals (20 s by default): gauges are
+# set again this often, whether or not anything changed.
+GAUGE_REFRESH_S = 1.0
 # Stages of a search, for imsearch_stage_seconds{stage=...}.
 DECODE_EMBED, FANOUT, SHARD_SEARCH, MERGE_RANK = "decode_embed", "fanout", "shard_search", "merge_rank"
 
@@ -61,14 +68,26 @@ class ShardMetrics:
                                      tag_keys=("shard",))
         for metric in (self.writes, self.compactions, self.log_bytes, self.vectors):
             metric.set_default_tags({"shard": str(shard_no)})  # a new dict each: Serve adds its tags to it
-        self._last: tuple = ()
 
     def size(self, vectors: int, log_bytes: int) -> None:
-        """Set the size gauges (only when they changed: a search calls this too)."""
-        if (vectors, log_bytes) != self._last:
-            self._last = (vectors, log_bytes)
-            self.vectors.set(vectors)
-            self.log_bytes.set(log_bytes)
+        """Set the size gauges."""
+        self.vectors.set(vectors)
+        self.log_bytes.set(log_bytes)
+
+
+def refresh_every(seconds: float, report: Callable[[], None]) -> threading.Thread:
+    """Call `report` every `seconds` in a daemon thread, for the life of the replica (gauges)."""
+    def loop():
+        while True:
+            time.sleep(seconds)
+            try:
+                report()
+            except Exception:  # a failed report must not end the reporting
+                pass
+
+    thread = threading.Thread(target=loop, name="metrics-refresh", daemon=True)
+    thread.start()
+    return thread
 
 
 class EmbedderMetrics:

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 from ray import serve
 
-from deployments.metrics import SHARD_SEARCH, ShardMetrics
+from deployments.metrics import GAUGE_REFRESH_S, SHARD_SEARCH, ShardMetrics, refresh_every
 from indexing.live import LiveShard
 from indexing.manifest import Manifest
 from indexing.wal import Record
@@ -31,7 +31,7 @@ class Shard:
         self.shard_no, self.nprobe, self.compact_after_bytes = shard_no, manifest["nprobe"], compact_after_bytes
         self._compaction: Optional[asyncio.Task] = None
         self.metrics = ShardMetrics(shard_no)
-        self._report_size()
+        refresh_every(GAUGE_REFRESH_S, self._report_size)
         LOG.info("shard %d loaded: %d vectors", shard_no, self.shard.ntotal)
 
     async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None) -> dict:
@@ -40,7 +40,6 @@ class Shard:
         t0 = time.perf_counter()
         out = await asyncio.to_thread(self.shard.search, queries, k, nprobe or self.nprobe)
         self.metrics.stages.observe(time.perf_counter() - t0, tags={"stage": SHARD_SEARCH})
-        self._report_size()  # writes another replica took are applied by the search's sync
         return out
 
     def _report_size(self) -> None:
@@ -52,7 +51,6 @@ class Shard:
         rec = Record(op, id_, vector, uri, sha256, private, unsafe, phash)
         existed = await asyncio.to_thread(self.shard.write, rec)
         self.metrics.writes.inc(1, tags={"op": op})
-        self._report_size()
         if self.shard.log_bytes() > self.compact_after_bytes and self._compaction is None:
             # In the background, one at a time: the write is durable and answered already.
             self._compaction = asyncio.create_task(self._compact())
@@ -62,7 +60,6 @@ class Shard:
         try:
             if await asyncio.to_thread(self.shard.compact, self.compact_after_bytes) is not None:
                 self.metrics.compactions.inc(1)
-            self._report_size()
         except Exception:
             LOG.exception("shard %d: compaction failed; the log keeps every write and it will be retried",
                           self.shard_no)
@@ -74,7 +71,6 @@ class Shard:
 
     def info(self) -> dict:
         """Count of this shard and which replica process answered (for operators and failure drills)."""
-        self._report_size()
         return {"shard": self.shard_no, "count": self.shard.ntotal, "pid": os.getpid(),
                 "generation": self.shard.generation, "log_bytes": self.shard.log_bytes(),
                 "rss_bytes": rss_bytes(), "load_rss_bytes": self.load_rss_bytes}

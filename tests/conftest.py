@@ -17,6 +17,8 @@ def ray_session():
     from deployments import environment
 
     environment.apply(local=True)
+    # Metrics reach the node's Prometheus endpoint every 10 s by default; tests scrape sooner.
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
@@ -49,6 +51,7 @@ def rng():
 
 
 WRITE_TOKEN = "test-writer-token"
+COMPACT_AFTER_BYTES = 128 * 1024
 
 
 def free_port() -> int:
@@ -81,6 +84,8 @@ def service(ray_session, image_index_dir, tmp_path_factory):
     # Tests ingest from their own temporary folders: PUT uris may name files under any of them.
     cfg["applications"][0]["args"]["overrides"] = {
         "serve": {"write_tokens": [WRITE_TOKEN], "uri_roots": [str(tmp_path_factory.getbasetemp())]}}
+    # Shards compact after a few dozen writes (not 64 MiB), so tests meet compaction under load.
+    cfg["applications"][1]["args"]["overrides"] = {"serve": {"compact_after_bytes": COMPACT_AFTER_BYTES}}
     url = deploy(cfg)
     assert wait_healthy(url, 180), "service did not become healthy"
     yield url
