@@ -32,7 +32,7 @@ def load_serve_config(path: str, index_dir: str | None, config: str | None, port
     return cfg
 
 
-def deploy(cfg: dict, address: str | None = None) -> str:
+def deploy(cfg: dict, address: str | None = None, metrics_port: int | None = None) -> str:
     """Start Serve and deploy the config the way `serve run CONFIG` does; returns the base URL."""
     import ray
     from ray.serve._private import api as serve_api
@@ -50,7 +50,7 @@ def deploy(cfg: dict, address: str | None = None) -> str:
         if address:
             ray.init(address=address, **quiet)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _metrics_export_port=metrics_port, **quiet)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
         grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     r.add_argument("--config", help="app config YAML (default: configs/default.yaml)")
     r.add_argument("--port", type=int)
     r.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    r.add_argument("--metrics-port", type=int,
+                   help="Prometheus port of the local Ray (default: one Ray picks; printed at start)")
     r.add_argument("--timeout-s", type=float, default=300, help="how long to wait for the service to be healthy")
     w = sub.add_parser("switch", help="serve another manifest version without downtime")
     w.add_argument("--app", default="imsearch", help="the front application (default: imsearch)")
@@ -104,14 +106,16 @@ def main(argv=None) -> int:
     # Set again once Ray is up: ray.init installs its own crash handler for SIGTERM.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        url = deploy(load_serve_config(args.serve_config, index_dir, args.config, args.port), args.address)
+        url = deploy(load_serve_config(args.serve_config, index_dir, args.config, args.port), args.address,
+                     args.metrics_port)
         signal.signal(signal.SIGTERM, _interrupt)
         if not wait_healthy(url, args.timeout_s):
             print(f"error: the service at {url} did not become healthy in {args.timeout_s:.0f} s", file=sys.stderr)
             _shutdown()
             return 1
         sample = next(iter(sorted(Path(index_dir or ".").parent.glob("demo-images/*/original.jpg"))), None)
-        print(f"\nimage search is up at {url}\n")
+        print(f"\nimage search is up at {url}\n\n  web page:  {url}/\n  API:       {url}/openapi.json\n"
+              f"  metrics:   {_metrics_url()} (Prometheus)\n")
         print(f"  curl -s -X POST '{url}/search?k=5' -H 'Content-Type: image/jpeg' --data-binary @{sample or 'photo.jpg'}")
         print(f"  curl -s {url}/stats\n\nlogs (access, errors): {_log_dir()}\nCtrl-C (or SIGTERM) stops it.",
               flush=True)
@@ -128,6 +132,16 @@ def _log_dir() -> str:
     from ray._private.worker import global_worker  # no public API names the session folder
 
     return os.path.join(global_worker.node.get_session_dir_path(), "logs", "serve")
+
+
+def _metrics_url() -> str:
+    """This node's Prometheus endpoint, where Ray exports Serve's metrics and the service's own."""
+    import ray
+    from ray._private.worker import global_worker
+
+    node = global_worker.node
+    port = next((n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node.node_id), None)
+    return f"http://{node.node_ip_address}:{port}/metrics"
 
 
 def _interrupt(signum, frame):

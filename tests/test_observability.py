@@ -1,10 +1,14 @@
 """Prometheus metrics: after real requests (searches, writes up to a compaction, an overload, a
-partial answer), Ray's metrics endpoint has every metric of deployments/metrics.py, non-zero."""
+partial answer), Ray's metrics endpoint has every metric of deployments/metrics.py, non-zero, and
+every series the Grafana dashboard in cluster/ charts."""
 import asyncio
+import json
 import os
+import re
 import signal
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import orjson
@@ -138,5 +142,13 @@ def test_metrics_after_real_requests(service, ray_session, image_index_dir, corp
     while (gaps := missing(scrape(port))) and time.time() < deadline:
         time.sleep(1)
     assert not gaps, f"metrics missing or zero: {gaps}; families: {sorted(scrape(port))}"
+
+    # Every series of the service and of Serve that the Grafana dashboard charts is exported (Ray's
+    # node series come from its reporter agent on its own schedule).
+    exported = {sample for family in scrape(port).values() for sample, _, _ in family}
+    dashboard = json.loads((Path(__file__).parent.parent / "cluster" / "grafana-dashboard.json").read_text())
+    charted = {name for panel in dashboard["panels"] for t in panel.get("targets", [])
+               for name in re.findall(r"\bray_(?:imsearch|serve)_\w+", t["expr"])}
+    assert charted and not charted - exported, f"dashboard series nobody exports: {sorted(charted - exported)}"
     client.close()
 
