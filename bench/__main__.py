@@ -21,6 +21,7 @@ import sys
 import time
 
 from configs import logs
+from configs.progress import Progress
 
 LOG = logging.getLogger("bench")
 
@@ -74,6 +75,8 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
     results: dict = {"machine": machine(), "quick": quick, "sizes": size}
     svc = Service(port)
     t0 = time.time()
+    # One line per benchmark finished: the full run takes about an hour on 2 cores.
+    progress = Progress("bench", len(verbs), "benchmarks", every_s=0)
     real_index = None
     if "indexing" in verbs or "embedding" in verbs or "load" in verbs:
         from bench.indexing_speed import bench_indexing
@@ -81,6 +84,7 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
         rows, real_index = bench_indexing(images, work, size["index_images"])
         if "indexing" in verbs:
             results["indexing"] = rows
+            progress.update()
     if "embedding" in verbs or "load" in verbs:
         url = svc.serve(real_index)
         if "embedding" in verbs:
@@ -89,14 +93,17 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
 
             _, blobs = queries(real_index, size["embed_images"])
             results["embedding"] = bench_embedding(blobs, url)
+            progress.update()
         if "load" in verbs:
             from bench.load import bench_load
 
             results["load"] = bench_load(real_index, url, quick)
+            progress.update()
     if "memory" in verbs:
         from bench.memory import bench_memory
 
         results["memory"] = bench_memory(work, size["memory"], baseline_tree=baseline_tree)
+        progress.update()
     from bench.vectors import real_embeddings, synthetic
 
     def serving_set():  # the vectors of issue 12's serving comparison: 100k x 256, clustered
@@ -110,6 +117,7 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
                      lambda: real_embeddings(images, os.path.join(work, "cache"), size["real_views"], size["queries"]),
                      lambda: synthetic(size["synthetic"], queries=size["queries"])):
             results["search"] += bench_search(make(), work, svc.serve, factory=factory, nprobe=nprobe)
+        progress.update()
     if "levers" in verbs:
         from bench.levers import run_levers
         from bench.search import factory_for, sharded
@@ -119,6 +127,8 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
         sharded(vs, factory_for(vs)[0], index_dir, 2)
         ray.shutdown()  # each lever starts its own Ray
         results["levers"] = run_levers(vs, index_dir, work)
+        progress.update()
+    progress.close()
     results["seconds"] = round(time.time() - t0, 1)
     write_results(out, "all" if len(verbs) > 1 else verbs[0], results, plots.markdown(results))
     plots.plot_all(results, out)

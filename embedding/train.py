@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from configs.progress import duration
 from configs.schema import AppConfig, DecodeConfig, ModelConfig, TrainConfig
 from embedding.augment import source_size, view_transform, views
 from embedding.losses import supcon_loss
@@ -322,8 +323,10 @@ def train_loop(config: dict) -> None:
         history.append(row)
         metrics = dict(row)
         if rank == 0:
+            per_epoch = np.mean([r["seconds"] for r in history if r.get("seconds")])
             print(f"epoch {epoch + 1}/{t.epochs}: loss {row['loss']:.4f}, fixed-batch loss {row['val_loss']:.4f} "
-                  f"({len(mine)} steps, {row['seconds']:.1f} s)", flush=True)
+                  f"({len(mine)} steps, {row['seconds']:.1f} s, {len(mine) * t.batch_size / max(row['seconds'], 0.01):.0f} views/s; "
+                  f"{duration(per_epoch * (t.epochs - epoch - 1))} left)", flush=True)
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"epoch": epoch, "net": trained_state(), "optimizer": opt.state_dict(),
                             "history": history, "head_dims": list(head_dims)}, os.path.join(d, "state.pt"))

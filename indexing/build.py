@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from configs.progress import Progress, poll, replace_ray_data_bars
 from configs.schema import AppConfig, BuildConfig, ModelConfig
 from indexing import storage
 from indexing.ids import id_from_path, initial_slot_table, shard_of
@@ -113,14 +114,29 @@ def decode_batch(batch: dict, *, root: str, scheme: str, image_size: int, decode
     return res
 
 
-class EmbedBatch:
-    """Ray Data actor: loads the model once, embeds the rows that decoded, and tags each row's shard."""
+class Tally:
+    """A count the workers of a job add to and its driver reads (progress of a Ray Data pipeline,
+    whose rows the driver never sees). Used as a Ray actor of no CPU."""
 
-    def __init__(self, model: dict, slot_table: list[int]):
+    def __init__(self):
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def get(self) -> int:
+        return self.n
+
+
+class EmbedBatch:
+    """Ray Data actor: loads the model once, embeds the rows that decoded, and tags each row's shard.
+    Each batch done is added to `tally` (a Tally actor) when one is given."""
+
+    def __init__(self, model: dict, slot_table: list[int], tally=None):
         from embedding.embedder import Embedder
 
         self.embedder = Embedder(ModelConfig(**model))
-        self.slot_table = slot_table
+        self.slot_table, self.tally = slot_table, tally
 
     def __call__(self, batch: dict) -> pa.Table:
         ok = batch["error"] == ""
@@ -130,6 +146,8 @@ class EmbedBatch:
         cols = {k: batch[k] for k in ("id", "uri", "sha256", "phash", "width", "height", "error")}
         cols["shard"] = shard_of(batch["id"], self.slot_table)
         table = pa.table({k: pa.array(np.asarray(v)) for k, v in cols.items()})
+        if self.tally is not None:
+            self.tally.add.remote(len(ok))  # not awaited: a count, off the pipeline's path
         return table.append_column("embedding", vectors_to_arrow(emb))
 
 
@@ -222,10 +240,13 @@ def write_shards(index_dir: str, version: int, template: bytes, emb_uri: str, nu
     task = ray.remote(num_cpus=b.shard_task_cpus)(fill_shard)
     names = shard_files(num_shards, version)
     tref = ray.put(template)
-    counts = ray.get(
-        [task.remote(tref, emb_uri, i, storage.join(index_dir, names[i]), b.add_batch_size) for i in range(num_shards)]
-    )
-    return [ShardEntry(path=p, count=c) for p, c in zip(names, counts)]
+    refs = [task.remote(tref, emb_uri, i, storage.join(index_dir, names[i]), b.add_batch_size) for i in range(num_shards)]
+    with Progress("filling shards", num_shards, "shards") as progress:
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            progress.update(len(ready))
+    return [ShardEntry(path=p, count=c) for p, c in zip(names, ray.get(refs))]
 
 
 def write_catalog(index_dir: str, emb_uri: str, name: str) -> None:
@@ -365,14 +386,23 @@ def build_from_images(
         fn_kwargs=dict(root=root.replace("\\", "/"), scheme=scheme, image_size=cfg.model.image_size,
                        decode=cfg.decode.model_dump()),
     )
+    tally = ray.remote(num_cpus=0)(Tally).remote()
     ds = ds.map_batches(
         EmbedBatch, batch_size=b.embed_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=b.min_actors, max_size=b.max_actors),
-        fn_constructor_kwargs=dict(model=cfg.model.model_dump(), slot_table=slot_table),
+        fn_constructor_kwargs=dict(model=cfg.model.model_dump(), slot_table=slot_table, tally=tally),
         num_gpus=b.gpus_per_actor if use_gpu else 0, num_cpus=None if use_gpu else b.actor_num_cpus,
     )
     out_fs, out_path = storage.resolve(emb_uri)
-    ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["shard"])
+    replace_ray_data_bars()
+    with Progress("embedding", len(listed), "images") as progress:
+        stop = poll(progress, lambda: ray.get(tally.get.remote()))
+        try:
+            ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["shard"])
+        finally:
+            stop()
+        progress.update_to(ray.get(tally.get.remote()))
+    ray.kill(tally)
     failed = write_failed(index_dir, emb_uri)
     m = finish_index(index_dir, cfg, version, emb_name, num_shards, slot_table, factory, cfg.model.model_dump(),
                      [scheme + root])

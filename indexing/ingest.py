@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from configs.progress import Progress
 from indexing import storage
 from indexing.build import assign_ids
 
@@ -72,10 +73,9 @@ def ingest(images: str, url: str, token: str, extensions: tuple[str, ...], concu
                                  f"(add {images} to serve.uri_roots of the service's config)")
             return "failed"
 
-        with ThreadPoolExecutor(concurrency) as pool:
-            for n, outcome in enumerate(pool.map(one, zip(listed, ids.tolist())), 1):
+        with ThreadPoolExecutor(concurrency) as pool, Progress("ingest", len(listed), "images", summary=False) as bar:
+            for outcome in pool.map(one, zip(listed, ids.tolist())):
                 setattr(summary, outcome, getattr(summary, outcome) + 1)
-                if n % 100 == 0:
-                    LOG.info("ingest progress: %d/%d", n, len(listed))
+                bar.update()
     summary.seconds = time.time() - t0
     return summary

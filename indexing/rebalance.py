@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from configs.progress import Progress, replace_ray_data_bars
 from indexing import storage
 from indexing.build import shard_files, versioned
 from indexing.catalog import write_catalog
@@ -119,11 +120,17 @@ def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05, task_cpu
     def fill(row: dict) -> dict:
         count, meta, positions = fill_rebalanced_shard(index_dir, old, m.template, table, row["shard"],
                                                        storage.join(index_dir, names[row["shard"]]))
-        return {"shard": row["shard"], "result": pickle.dumps((count, meta, positions))}
+        return {"shard": row["shard"], "count": count, "result": pickle.dumps((count, meta, positions))}
 
     # One row per new shard; Ray Data schedules the fills on the cluster and retries failed ones.
-    rows = ray.data.from_items([{"shard": i} for i in range(num_shards)], override_num_blocks=num_shards) \
-        .map(fill, num_cpus=task_cpus).take_all()
+    ds = ray.data.from_items([{"shard": i} for i in range(num_shards)], override_num_blocks=num_shards) \
+        .map(fill, num_cpus=task_cpus)
+    rows = []
+    replace_ray_data_bars()
+    with Progress("rebalancing", len(ids), "vectors") as progress:
+        for row in ds.iter_rows():  # each new shard as it is written
+            rows.append(row)
+            progress.update(row["count"])
     done = [pickle.loads(r["result"]) for r in sorted(rows, key=lambda r: r["shard"])]
     sizes = [d[0] for d in done]
     catalog = versioned("catalog.parquet", version)

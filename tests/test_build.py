@@ -66,9 +66,13 @@ def test_images_build_skips_corrupt_files(image_index):
     assert all(len(h) == 64 for h in cat.column("sha256").to_pylist())
 
 
-def test_rebuild_gives_the_same_ids(image_index):
-    root, _, out = image_index
+def test_rebuild_gives_the_same_ids(image_index, capsys):
+    root, n_good, out = image_index
     assert indexing_main(["build", "--images", str(root), "--index-dir", str(out / "b"), "--shards", "2"]) == 0
+    # Output to a file or pipe: plain progress lines (no carriage returns) ending in one summary.
+    err, listed = capsys.readouterr().err, n_good + 2
+    assert f"embedding: {listed}/{listed} images in " in err and "filling shards: 2/2 shards in " in err
+    assert "\r" not in err and "Total Progress" not in err  # nor Ray Data's own progress table
     a = pq.read_table(out / "a" / "catalog.parquet").to_pydict()
     b = pq.read_table(out / "b" / "catalog.parquet").to_pydict()
     assert dict(zip(a["uri"], a["id"])) == dict(zip(b["uri"], b["id"]))

@@ -23,7 +23,7 @@ def test_plan_moves_whole_slots_and_balances(rng):
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
-def test_rebalance_3_to_5_to_2(ray_session, tmp_path, rng, factory):
+def test_rebalance_3_to_5_to_2(ray_session, tmp_path, rng, factory, capsys):
     x = rng.normal(size=(4000, 16)).astype(np.float32)
     ids = rng.choice(2**40, len(x), replace=False).astype(np.int64)
     np.save(tmp_path / "x.npy", x)
@@ -37,6 +37,7 @@ def test_rebalance_3_to_5_to_2(ray_session, tmp_path, rng, factory):
     before = ShardedIndex.open(d).search(q, 10, nprobe=16)
     for n in (5, 2):
         assert indexing_main(["rebalance", "--index-dir", d, "--shards", str(n)]) == 0
+        assert "rebalancing: 4000/4000 vectors in " in capsys.readouterr().err
         ix = ShardedIndex.open(d)
         assert ix.ntotal == ix.manifest.total == 4000 and len(ix.shards) == n
         sizes = [s.ntotal for s in ix.shards]
