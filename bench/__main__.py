@@ -8,6 +8,8 @@
   indexing   images/s: `python -m indexing build` end to end vs a single-process loop
   load       p50/p99 of image and vector queries at rising concurrency, with the saturation point
   memory     resident bytes per vector of a shard replica vs the code size of the factory
+  chaos      a multi-node cluster on this machine under load through node loss, a rolling redeploy
+             and SIGKILLs of every component; every request's outcome checked (docs/reliability.md)
 
 Real vectors and images come from --images (default $DATA/scene15, docs/data.md); the peers are optional
 extras: pip install -e '.[bench]'."""
@@ -138,7 +140,7 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("verb", choices=["all", "search", "levers", "embedding", "indexing", "load", "memory"])
+    p.add_argument("verb", choices=["all", "search", "levers", "embedding", "indexing", "load", "memory", "chaos"])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--images", default=os.path.join(os.environ.get("DATA", os.path.join("..", "shared", "data")), "scene15"),
                    help="folder of real photos (default: $DATA/scene15, see docs/data.md)")
@@ -149,9 +151,19 @@ def main(argv=None) -> int:
     p.add_argument("--factory", help="search: FAISS factory for every engine instead of the service's default "
                    "(e.g. 'IVF{nlist},Flat' to compare at Chroma's recall)")
     p.add_argument("--nprobe", type=int, default=16, help="search: nprobe of the HTTP comparison at concurrency 1/8/32")
+    p.add_argument("--minutes", type=float, default=10, help="chaos: how long the faults go on")
+    p.add_argument("--seed", type=int, default=0, help="chaos: seed of the load and of the order of the kills")
+    p.add_argument("--replicas", type=int, default=2, help="chaos: replicas per shard (1: node loss gives partial answers)")
     args = p.parse_args(argv)
     logs.setup(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    if args.verb == "chaos":
+        from bench.chaos import markdown, run_chaos, write_report
+
+        report = run_chaos(os.path.join(args.out, "work-chaos"), args.minutes, args.seed, args.replicas, args.port)
+        write_report(args.out, report)
+        print(markdown(report))
+        return 0
     if not os.path.isdir(args.images):
         print(f"error: --images {args.images} is not a folder of photos", file=sys.stderr)
         return 2

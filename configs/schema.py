@@ -101,6 +101,12 @@ class ServeConfig(_Strict):
     max_vectors_per_request: PositiveInt = Field(256, description="largest batch for POST /search/vector")
     shard_replicas: PositiveInt = Field(1, description="replicas per shard deployment (replication factor)")
     shard_num_cpus: PositiveFloat = Field(0.1, description="CPUs reserved per shard replica")
+    shard_max_replicas_per_node: Optional[PositiveInt] = Field(
+        None, description="at most this many replicas of one shard on a node; 1 puts the copies of a shard on "
+        "different nodes, so losing a node leaves every shard a copy (needs shard_replicas nodes)")
+    shard_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each shard replica asks for, e.g. {shard_host: 1}: "
+        "shards go only to nodes started with that resource (memory-heavy nodes)")
     shard_timeout_s: PositiveFloat = Field(2.0, description="a shard that takes longer is left out (partial answer)")
     shard_max_ongoing: PositiveInt = Field(16, description="calls one shard replica runs at once (max_ongoing_requests)")
     shard_max_queued: PositiveInt = Field(64, description="calls waiting for a shard beyond that; more are refused (overloaded)")

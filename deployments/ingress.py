@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
@@ -77,14 +78,25 @@ def overloaded(what: str) -> ApiError:
     return ApiError(503, "overloaded", f"{what} is at its queue limit; retry shortly", headers={"Retry-After": "1"})
 
 
-async def _bounded(response, timeout_s: float, on_timeout: ApiError, *, keep_running: bool = False):
-    """A handle call bounded in time (pipeline.within), its failures turned into API errors."""
+async def _bounded(call, timeout_s: float, on_timeout: ApiError, *, keep_running: bool = False):
+    """`call()` (a handle call) bounded in time (pipeline.within), its failures turned into API
+    errors. A call that met a replica dying (its node lost, its process killed) is made once more
+    within the same deadline: Serve routes it to another replica. Every call made this way is safe
+    to repeat (reads, and writes, which are idempotent)."""
+    deadline = time.monotonic() + timeout_s
     try:
-        return await within(response, timeout_s, keep_running=keep_running)
+        try:
+            return await within(call(), timeout_s, keep_running=keep_running)
+        except RayActorError:
+            LOG.warning("a replica died under a call; retrying it once")
+            return await within(call(), max(0.0, deadline - time.monotonic()), keep_running=keep_running)
     except asyncio.TimeoutError:
         raise on_timeout from None
     except BackPressureError:
         raise overloaded("the service") from None
+    except RayActorError:
+        raise ApiError(on_timeout.status, on_timeout.code, on_timeout.message + " (a replica was lost; retry)",
+                       headers=on_timeout.headers) from None
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512, max_queued_requests=512)
@@ -138,7 +150,7 @@ class Ingress:
         app = self.routing.index_app
         if self.version is None or self.version.app != app:
             entry = serve.get_deployment_handle("Index", app_name=app, _check_exists=False)
-            info = await _bounded(entry.info.remote(), self.cfg.shard_timeout_s * 5,
+            info = await _bounded(entry.info.remote, self.cfg.shard_timeout_s * 5,
                                   ApiError(503, "index_unavailable", f"index application {app} does not answer"))
             shards = [serve.get_deployment_handle(name, app_name=app, _check_exists=False) for name in info["shards"]]
             searches = [lambda q, k, p, h=h: h.search.remote(q, k, p) for h in shards]
@@ -240,7 +252,7 @@ class Ingress:
     async def _embed_upload(self, request: Request) -> tuple[np.ndarray, bytes, int]:
         data = await read_image(request, self.decode.max_bytes)
         t0 = time.perf_counter()
-        emb = await _bounded(self.embedder.embed_image.remote(data), self.cfg.embed_timeout_s,
+        emb = await _bounded(lambda: self.embedder.embed_image.remote(data), self.cfg.embed_timeout_s,
                              ApiError(503, "embedder_timeout", f"the image was not embedded within "
                                       f"{self.cfg.embed_timeout_s} s; retry shortly", headers={"Retry-After": "2"}))
         self.metrics.stage(DECODE_EMBED, time.perf_counter() - t0)
@@ -311,7 +323,7 @@ class Ingress:
                                "and may still be applied: read it back with GET, or repeat it (writes are idempotent)",
                                headers={"Retry-After": "5"})
             try:
-                return await _bounded(shard.write.remote(op, id_, *args), self.cfg.write_timeout_s, unknown,
+                return await _bounded(lambda: shard.write.remote(op, id_, *args), self.cfg.write_timeout_s, unknown,
                                       keep_running=True)
             except SealedError:  # this replica has not yet heard of a version switch: the shard fenced it
                 raise ApiError(503, "writes_paused", "the index switched versions; retry in a few seconds",
@@ -345,7 +357,8 @@ class Ingress:
         id_ = parse_image_id(request.path_params["id"])
         if request.method == "GET":
             self._authorize_read(request)
-            meta = await _bounded((await self._index()).shard(id_).get.remote(id_), self.cfg.shard_timeout_s,
+            shard = (await self._index()).shard(id_)
+            meta = await _bounded(lambda: shard.get.remote(id_), self.cfg.shard_timeout_s,
                                   ApiError(503, "shards_unavailable", f"the shard holding image {id_} did not answer",
                                            headers={"Retry-After": "2"}))
             # Private and unsafe images do not exist for readers: ids are guessable from paths.
@@ -388,7 +401,7 @@ class Ingress:
         size = parse_size(request.query_params.get("size"), thumbnails.DEFAULT_SIZE, thumbnails.MIN_SIZE,
                           thumbnails.MAX_SIZE)
         version = await self._index()
-        meta = await _bounded(version.shard(id_).get.remote(id_), self.cfg.shard_timeout_s,
+        meta = await _bounded(lambda: version.shard(id_).get.remote(id_), self.cfg.shard_timeout_s,
                               ApiError(503, "shards_unavailable", f"the shard holding image {id_} did not answer",
                                        headers={"Retry-After": "2"}))
         if meta is None or meta["private"] or meta["unsafe"]:

@@ -86,7 +86,18 @@ class Router:
         return int(shard_of([id_], self.slot_table)[0])
 
     async def _call(self, search: ShardSearch, *args) -> dict:
-        return await within(search(*args), self.timeout_s)
+        """One shard's answer within the deadline. A call that failed fast (a replica that died
+        under it: its node lost, its process killed) is made once more in the time left, which
+        Serve routes to another replica; only a shard without a live replica is left out."""
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            return await within(search(*args), self.timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            if self.is_overload(e) or deadline - time.monotonic() < 0.05:
+                raise
+            return await within(search(*args), deadline - time.monotonic())
 
     async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int]) -> Hits:
         """Every shard searches the whole matrix once; exact top-k merge of those that answer in time."""

@@ -11,6 +11,7 @@ import time
 from typing import Optional
 
 import numpy as np
+import ray
 from ray import serve
 
 from deployments.metrics import GAUGE_REFRESH_S, SHARD_SEARCH, ShardMetrics, refresh_every
@@ -72,6 +73,7 @@ class Shard:
     def info(self) -> dict:
         """Count of this shard and which replica process answered (for operators and failure drills)."""
         return {"shard": self.shard_no, "count": self.shard.ntotal, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "generation": self.shard.generation, "log_bytes": self.shard.log_bytes(),
                 "rss_bytes": rss_bytes(), "load_rss_bytes": self.load_rss_bytes}
 

@@ -54,6 +54,21 @@ WRITE_TOKEN = "test-writer-token"
 COMPACT_AFTER_BYTES = 128 * 1024
 
 
+def isolated_serve_env() -> dict:
+    """os.environ plus HAProxy ports and files of its own, so a second Serve (a subprocess) runs
+    beside the test session's service. A short folder: HAProxy refuses socket paths over 97
+    characters."""
+    import tempfile
+
+    haproxy = tempfile.mkdtemp(prefix="hap-")
+    return {**os.environ, "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{haproxy}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{haproxy}/admin.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{haproxy}/server-state"}
+
+
 def free_port() -> int:
     import socket
 

@@ -36,19 +36,9 @@ def test_sigterm_stops_the_service_cleanly(image_index_dir):
 
     import psutil
 
-    from tests.conftest import free_port
+    from tests.conftest import free_port, isolated_serve_env
 
-    import tempfile
-
-    # Its own HAProxy ports and files, so it runs beside the test session's service (a short
-    # folder: HAProxy refuses socket paths over 97 characters).
-    haproxy = tempfile.mkdtemp(prefix="hap-")
-    env = {**os.environ, "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-           "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-           "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{haproxy}/haproxy.cfg",
-           "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{haproxy}/admin.sock",
-           "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
-           "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{haproxy}/server-state"}
+    env = isolated_serve_env()  # runs beside the test session's service
     proc = subprocess.Popen([sys.executable, "-m", "deployments", "run", "--index-dir", str(image_index_dir),
                              "--port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
