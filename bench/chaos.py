@@ -214,22 +214,27 @@ def kill(title: str) -> Optional[int]:
     return None
 
 
-def replica_nodes(app: str, deployments: list[str]) -> dict:
-    """deployment -> the node ids its running replicas are on (asked of each replica actor)."""
+def replica_nodes(app: str, deployments: list[str], replicas: int, timeout_s: float = 120) -> dict:
+    """deployment -> the node ids its running replicas are on (asked of each replica actor),
+    once every deployment shows `replicas` of them (or at the timeout: what was found)."""
     import ray
 
-    out: dict = {d: [] for d in deployments}
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        name = entry["name"]
-        for d in deployments:
-            if name.startswith(f"SERVE_REPLICA::{app}#{d}#"):
-                actor = ray.get_actor(name, namespace=entry["namespace"])
-                try:
-                    out[d].append(ray.get(actor.__ray_call__.remote(
-                        lambda self: ray.get_runtime_context().get_node_id()), timeout=10))
-                except Exception:  # a replica that is going away
-                    pass
-    return out
+    deadline = time.time() + timeout_s
+    while True:
+        out: dict = {d: [] for d in deployments}
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            for d in deployments:
+                if name.startswith(f"SERVE_REPLICA::{app}#{d}#"):
+                    actor = ray.get_actor(name, namespace=entry["namespace"])
+                    try:
+                        out[d].append(ray.get(actor.__ray_call__.remote(
+                            lambda self: ray.get_runtime_context().get_node_id()), timeout=30))
+                    except Exception:  # a replica still starting, or going away: asked again
+                        pass
+        if all(len(n) >= replicas for n in out.values()) or time.time() > deadline:
+            return out
+        time.sleep(2)
 
 
 def run_chaos(work: str, minutes: float, seed: int, replicas: int, port: int = 8321) -> dict:
@@ -268,7 +273,7 @@ def run_chaos(work: str, minutes: float, seed: int, replicas: int, port: int = 8
         if not wait_healthy(url, 300):
             raise RuntimeError("the service did not come up")
         shards = [f"Shard{i:03d}" for i in range(2)]
-        placement = replica_nodes("imsearch-index", shards)
+        placement = replica_nodes("imsearch-index", shards, replicas)
         report["placement"] = {d: sorted(n[:8] for n in nodes) for d, nodes in placement.items()}
         report["replicas_on_distinct_nodes"] = all(len(set(n)) == len(n) == replicas for n in placement.values())
         dim = httpx.get(f"{url}/stats").json()["dim"]

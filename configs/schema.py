@@ -141,6 +141,17 @@ class ServeConfig(_Strict):
         "out of deployment arguments, which the Ray dashboard shows; e.g. a mounted Kubernetes secret)")
     read_tokens: list[str] = Field(default_factory=list, description="when set (or env IMSEARCH_READ_TOKENS), reads need one of these or a write token")
     compact_after_bytes: PositiveInt = Field(64 * 1024 * 1024, description="a shard snapshots and trims its log past this size")
+    verify_top: int = Field(
+        20, ge=0, le=200, description="an image search with ?verify=true re-ranks its top N by geometric verification "
+        "(local features + RANSAC): a heavily edited copy's original comes first; 0: verification unavailable")
+    verify_default: bool = Field(
+        False, description="verify image searches that do not say ?verify= (off: crops of one photo can outrank it)")
+    verify_min_inliers: PositiveInt = Field(
+        12, description="RANSAC inliers that make a candidate a verified copy of the query")
+    verify_timeout_s: PositiveFloat = Field(
+        1.0, description="time one query's verification may take; past it the unverified order is returned")
+    verify_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="candidates' local features a Verifier replica keeps")
+    verify_threads: PositiveInt = Field(2, description="candidates one Verifier replica checks at once")
     thumbnail_cache_bytes: int = Field(
         32 * 1024 * 1024, ge=0, description="thumbnails each Ingress replica keeps in memory (GET /images/{id}/thumbnail)")
     max_concurrent_thumbnails: PositiveInt = Field(

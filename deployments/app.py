@@ -20,6 +20,7 @@ from deployments.embedder import Embedder
 from deployments.index import Index
 from deployments.ingress import Ingress
 from deployments.shard import Shard
+from deployments.verifier import Verifier
 from indexing.manifest import read_manifest
 
 
@@ -65,4 +66,5 @@ def build_app(args: dict) -> serve.Application:
     # itself (deployments/http.py load_tokens), from the config, its tokens_file and its environment.
     serve_cfg = cfg.serve.model_dump(exclude={"write_tokens", "read_tokens"})
     a = AppArgs.model_validate(args)
-    return Ingress.bind(embedder, serve_cfg, cfg.decode.model_dump(), {"config": a.config, "overrides": a.overrides})
+    verifier = Verifier.bind(cfg.decode.model_dump(), cfg.serve.verify_cache_bytes, cfg.serve.verify_threads)
+    return Ingress.bind(embedder, verifier, serve_cfg, cfg.decode.model_dump(), {"config": a.config, "overrides": a.overrides})

@@ -32,11 +32,12 @@ from deployments.http import (
     parse_size, parse_uri, parse_vector_request, read_body, read_image, token_in, vector_body_limit,
 )
 from deployments import openapi, thumbnails
-from deployments.metrics import DECODE_EMBED, FANOUT, MERGE_RANK, IngressMetrics
+from deployments.metrics import DECODE_EMBED, FANOUT, MERGE_RANK, VERIFY, IngressMetrics
 from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, rank, run_batch, within
 from indexing.catalog import sha_key
 from indexing.ids import id_from_bytes, id_from_path
 from indexing.live import SealedError
+from indexing.policy import verified_first
 from indexing.storage import relative_to
 
 LOG = logging.getLogger("ray.serve")
@@ -101,8 +102,9 @@ async def _bounded(call, timeout_s: float, on_timeout: ApiError, *, keep_running
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512, max_queued_requests=512)
 class Ingress:
-    def __init__(self, embedder: DeploymentHandle, serve_cfg: dict, decode_cfg: dict, config_source: dict):
-        self.embedder = embedder
+    def __init__(self, embedder: DeploymentHandle, verifier: DeploymentHandle, serve_cfg: dict, decode_cfg: dict,
+                 config_source: dict):
+        self.embedder, self.verifier = embedder, verifier
         self.routing: Routing | None = None  # set by reconfigure (user_config) before any request
         self.version: Optional[IndexVersion] = None
         self.in_flight = self.writes_in_flight = 0
@@ -228,7 +230,8 @@ class Ingress:
         return await run_batch(queries)
 
     async def _search(self, queries: np.ndarray, k: int, nprobe, exclude_sha256=None, dedupe=True):
-        """Batch, fan out, merge, rank: (results per query, copies collapsed per query, partial)."""
+        """Batch, fan out, merge, rank: (results per query, copies collapsed per query, partial,
+        id -> (uri, sha256 prefix, perceptual hash) of the hits)."""
         if len(queries) * k > self.cfg.max_hits_per_request:
             raise ApiError(422, "too_much_work", f"{len(queries)} queries x k={k} asks for {len(queries) * k} "
                            f"results; the limit per request is {self.cfg.max_hits_per_request}")
@@ -247,7 +250,7 @@ class Ingress:
         self.metrics.stage(MERGE_RANK, hits.merge_s + time.perf_counter() - t0)
         if hits.partial:
             self.metrics.partial.inc(1)
-        return results, collapsed, hits.partial
+        return results, collapsed, hits.partial, hits.meta
 
     async def _embed_upload(self, request: Request) -> tuple[np.ndarray, bytes, int]:
         data = await read_image(request, self.decode.max_bytes)
@@ -275,10 +278,33 @@ class Ingress:
         nprobe = self._nprobe(q.get("nprobe"))
         exclude_self = parse_bool(q.get("exclude_self"), self.cfg.exclude_query_image, "exclude_self")
         dedupe = parse_bool(q.get("dedupe"), True, "dedupe")
+        verify = parse_bool(q.get("verify"), self.cfg.verify_default, "verify") and self.cfg.verify_top > 0
         vector, data, _ = await self._embed_upload(request)
         own = sha_key(hashlib.sha256(data).hexdigest()) if exclude_self else None
-        results, collapsed, partial = await self._search(vector[None, :], k, nprobe, own, dedupe)
-        return JSONResponse({"results": results[0], "collapsed": collapsed[0], "partial": partial, "took_ms": _ms(t0)})
+        depth = max(k, self.cfg.verify_top) if verify else k
+        results, collapsed, partial, meta = await self._search(vector[None, :], depth, nprobe, own, dedupe)
+        ranked, verified = results[0], False
+        if verify and ranked:
+            ranked, verified = await self._verified(data, ranked, meta)
+        return JSONResponse({"results": ranked[:k], "collapsed": collapsed[0], "partial": partial,
+                             "verified": verified, "took_ms": _ms(t0)})
+
+    async def _verified(self, data: bytes, ranked: list[dict], meta: dict) -> tuple[list[dict], bool]:
+        """The results with those the Verifier finds to be copies of the query first; the order
+        as it was (and False) when it does not answer within serve.verify_timeout_s."""
+        head = ranked[: self.cfg.verify_top]
+        candidates = [{"id": h["id"], "uri": h["uri"], "sha64": meta[h["id"]][1]} for h in head if h["id"] in meta]
+        roots = (await self._index()).info.get("sources", [])
+        t0 = time.perf_counter()
+        try:
+            # The Verifier stops itself a little before the deadline, so its partial answer arrives.
+            found = await within(self.verifier.verify.remote(data, candidates, roots, self.cfg.verify_timeout_s * 0.8),
+                                 self.cfg.verify_timeout_s)
+        except (asyncio.TimeoutError, RayActorError, BackPressureError):
+            LOG.warning("verification did not answer in time; unverified order returned")
+            return ranked, False
+        self.metrics.stage(VERIFY, time.perf_counter() - t0)
+        return verified_first(ranked, found, self.cfg.verify_min_inliers), True
 
     async def embed(self, request: Request) -> Response:
         """The query vector of an uploaded image, for clients that keep their own vectors."""
@@ -300,7 +326,7 @@ class Ingress:
         k = parse_k(obj.get("k", q.get("k")), self.cfg.default_k, self.cfg.max_k)
         nprobe = self._nprobe(obj.get("nprobe", q.get("nprobe")))
         dedupe = parse_bool(obj.get("dedupe", q.get("dedupe")), True, "dedupe")
-        results, collapsed, partial = await self._search(x, k, nprobe, None, dedupe)
+        results, collapsed, partial, _ = await self._search(x, k, nprobe, None, dedupe)
         if not batched:
             results, collapsed = results[0], collapsed[0]
         return JSONResponse({"results": results, "collapsed": collapsed, "partial": partial, "took_ms": _ms(t0)})

@@ -21,7 +21,7 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 # set again this often, whether or not anything changed.
 GAUGE_REFRESH_S = 1.0
 # Stages of a search, for imsearch_stage_seconds{stage=...}.
-DECODE_EMBED, FANOUT, SHARD_SEARCH, MERGE_RANK = "decode_embed", "fanout", "shard_search", "merge_rank"
+DECODE_EMBED, FANOUT, SHARD_SEARCH, MERGE_RANK, VERIFY = "decode_embed", "fanout", "shard_search", "merge_rank", "verify"
 
 
 def _stage_histogram() -> metrics.Histogram:

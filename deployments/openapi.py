@@ -12,13 +12,16 @@ ERROR = {
                              "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
 }
 HIT = {"type": "object", "required": ["id", "score", "uri"],
-       "properties": {"id": {"type": "integer"}, "score": {"type": "number", "nullable": True}, "uri": {"type": "string"}}}
+       "properties": {"id": {"type": "integer"}, "score": {"type": "number", "nullable": True}, "uri": {"type": "string"},
+                      "inliers": {"type": "integer", "description": "RANSAC inliers of a verified copy of the query"}}}
 HITS = {"type": "array", "items": HIT}
 SEARCH = {"type": "object", "required": ["results", "collapsed", "partial", "took_ms"],
           "properties": {"results": {"oneOf": [HITS, {"type": "array", "items": HITS}]},
                          "collapsed": {"oneOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}}],
                                        "description": "hits folded into a better result as copies of it"},
-                         "partial": {"type": "boolean"}, "took_ms": {"type": "number"}}}
+                         "partial": {"type": "boolean"}, "took_ms": {"type": "number"},
+                         "verified": {"type": "boolean", "description": "image search: the top results were "
+                                      "checked by geometric verification (verified copies carry `inliers`)"}}}
 IMAGE_META = {
     "type": "object", "required": ["id", "uri", "sha256", "private", "unsafe"],
     "properties": {"id": {"type": "integer"}, "uri": {"type": "string"}, "sha256": {"type": "string"},
@@ -71,7 +74,9 @@ def document() -> dict:
             "/search": {"post": {
                 "summary": "Search by image", "security": BEARER + [{}], "requestBody": IMAGE_BODY,
                 "parameters": [K, NPROBE, DEDUPE, _query("exclude_self", {"type": "boolean"},
-                                                         "drop results with the query's own bytes")],
+                                                         "drop results with the query's own bytes"),
+                               _query("verify", {"type": "boolean"}, "re-rank the top serve.verify_top by geometric "
+                                      "verification (default serve.verify_default)")],
                 "responses": search}},
             "/search/vector": {"post": {
                 "summary": "Search by vector(s)", "security": BEARER + [{}], "parameters": [K, NPROBE, DEDUPE],

@@ -1,11 +1,10 @@
-"""Thumbnails of indexed images for the web page: read from the folders the index was built from,
-never from anywhere a writer's `uri` points, scaled down and re-encoded as JPEG. Plain PIL and
-pyarrow filesystems, importable and testable without Ray."""
+"""Thumbnails of indexed images for the web page: read from the folders the index was built from
+(indexing.storage.read_source), never from anywhere a writer's `uri` points, scaled down and
+re-encoded as JPEG. Plain PIL, importable and testable without Ray."""
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import threading
 from collections import OrderedDict
 from typing import Optional
@@ -19,36 +18,22 @@ JPEG_QUALITY = 85
 
 class NoThumbnail(Exception):
     """The image is held but no thumbnail can be made of it (its file is outside the index's
-    source folders, gone, or not an image any more)."""
-
-
-def source_path(uri: str, roots: list[str]) -> Optional[str]:
-    """`uri` when it lies under one of `roots`, else None. A local path is checked again after
-    resolving symbolic links, so a link inside a root cannot lead outside it."""
-    if not uri or not storage.is_under(uri, roots):
-        return None
-    if not storage.is_local(uri):
-        return uri
-    path = os.path.realpath(uri.removeprefix("file://"))
-    local_roots = [os.path.realpath(r.removeprefix("file://")) for r in roots if storage.is_local(r)]
-    return path if storage.is_under(path, local_roots) else None
+    source folders, gone, changed, or not an image any more)."""
 
 
 def make_thumbnail(uri: str, roots: list[str], size: int, *, sha256: str = "", max_bytes: int, max_pixels: int) -> bytes:
     """JPEG bytes of the image at `uri`, its longer side scaled down to `size` (never up).
     Raises NoThumbnail when the uri is outside `roots`, its file cannot be read or decoded, or
     (given the indexed `sha256`) the file no longer holds the bytes that were indexed."""
-    path = source_path(uri, roots)
-    if path is None:
-        raise NoThumbnail("the image's uri is not under a folder the index was built from")
+    matches = (lambda data: hashlib.sha256(data).hexdigest() == sha256) if sha256 else None
     try:
-        data = storage.read_bytes(path)
-        if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-            raise NoThumbnail("the file at the image's uri changed since it was indexed")
+        data = storage.read_source(uri, roots, matches)
         # The same limits as an upload: a file swapped for a decompression bomb costs nothing.
         img = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, draft=size)
-    except (OSError, ImageDecodeError) as e:
-        raise NoThumbnail(f"the image file cannot be read: {e}") from None
+    except storage.SourceUnavailable as e:
+        raise NoThumbnail(str(e)) from None
+    except ImageDecodeError as e:
+        raise NoThumbnail(f"the image file cannot be decoded: {e}") from None
     img.thumbnail((size, size))
     out = io.BytesIO()
     img.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True)

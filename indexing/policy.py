@@ -1,6 +1,7 @@
 """Business policy applied after the exact merge: which hits a user may see, in which order.
 
-Visibility flags are enforced earlier, inside the shard search; this stage removes duplicates.
+Visibility flags are enforced earlier, inside the shard search; this stage removes duplicates and
+puts the results that geometric verification found to be copies of the query first.
 A duplicate is a copy of a better hit: the same bytes (sha256), or a perceptual hash within
 `copy_bits` of it (resized, recompressed, lightly cropped). Model similarity never decides it: a
 trained head may put a whole category above any cosine threshold, and those are the results the
@@ -55,3 +56,15 @@ def rank_results(
         out.append(results)
         collapsed.append(folded)
     return out, collapsed
+
+
+def verified_first(results: list[dict], inliers: dict, min_inliers: int) -> list[dict]:
+    """Results whose geometric verification found at least `min_inliers` inliers (a copy of the
+    query, however edited) move to the top; the others keep their order below them. Verified
+    results carry their `inliers` and keep merge order among themselves, not inlier order: a
+    crop of the original shares as many keypoints with the query as the original does, and
+    ordering by inliers put crops above the exact original (76 of 88 first instead of 88 of 88 on
+    the test corpus's mild edits)."""
+    verified = [r for r in results if inliers.get(r["id"], 0) >= min_inliers]
+    chosen = {r["id"] for r in verified}
+    return [{**r, "inliers": inliers[r["id"]]} for r in verified] + [r for r in results if r["id"] not in chosen]

@@ -69,6 +69,38 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+class SourceUnavailable(OSError):
+    """An indexed image that cannot be read back: outside the index's folders, gone, or changed."""
+
+
+def source_path(uri: str, roots: list[str]) -> Optional[str]:
+    """`uri` when it lies under one of `roots`, else None. A local path is checked again after
+    resolving symbolic links, so a link inside a root cannot lead outside it."""
+    if not uri or not is_under(uri, roots):
+        return None
+    if not is_local(uri):
+        return uri
+    path = os.path.realpath(uri.removeprefix("file://"))
+    local_roots = [os.path.realpath(r.removeprefix("file://")) for r in roots if is_local(r)]
+    return path if is_under(path, local_roots) else None
+
+
+def read_source(uri: str, roots: list[str], matches: Optional[Callable[[bytes], bool]] = None) -> bytes:
+    """The bytes of an indexed image, read only from the folders the index was built from (never
+    from wherever a writer's `uri` points) and, given `matches`, only while they are still the
+    indexed bytes. Raises SourceUnavailable."""
+    path = source_path(uri, roots)
+    if path is None:
+        raise SourceUnavailable("the image's uri is not under a folder the index was built from")
+    try:
+        data = read_bytes(path)
+    except OSError as e:
+        raise SourceUnavailable(f"the image file cannot be read: {e}") from None
+    if matches is not None and not matches(data):
+        raise SourceUnavailable("the file at the image's uri changed since it was indexed")
+    return data
+
+
 def makedirs(uri: str) -> None:
     """Create a directory and its parents (a no-op on object stores)."""
     fs, path = resolve(uri)

@@ -69,6 +69,30 @@ def isolated_serve_env() -> dict:
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{haproxy}/server-state"}
 
 
+_HANDLE_LOOP = None
+
+
+def shard_info(deployment: str, app: str = "imsearch-index", timeout_s: float = 10) -> dict:
+    """A Shard deployment's info() through a handle. Serve's throughput mode wants handle calls
+    made from an event loop, the same one each time (its router stays bound to it): one loop runs
+    in a thread for the whole test session."""
+    import asyncio
+    import threading
+
+    from ray import serve
+
+    global _HANDLE_LOOP
+    if _HANDLE_LOOP is None:
+        _HANDLE_LOOP = asyncio.new_event_loop()
+        threading.Thread(target=_HANDLE_LOOP.run_forever, name="handles", daemon=True).start()
+
+    async def ask():
+        handle = serve.get_deployment_handle(deployment, app_name=app)
+        return await asyncio.wait_for(handle.info.remote(), timeout_s)
+
+    return asyncio.run_coroutine_threadsafe(ask(), _HANDLE_LOOP).result(timeout_s + 5)
+
+
 def free_port() -> int:
     import socket
 

@@ -1,7 +1,6 @@
 """Prometheus metrics: after real requests (searches, writes up to a compaction, an overload, a
 partial answer), Ray's metrics endpoint has every metric of deployments/metrics.py, non-zero, and
 every series the Grafana dashboard in cluster/ charts."""
-import asyncio
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from configs.schema import load_config
 from indexing.ids import shard_of
 from indexing.manifest import read_manifest
-from tests.conftest import WRITE_TOKEN
+from tests.conftest import WRITE_TOKEN, shard_info
 from tests.images import picture
 
 AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
@@ -72,17 +71,6 @@ def generation(client, shard: int) -> int:
     return client.get("/stats").json()["shards"][shard]["generation"]
 
 
-def replica_pid(deployment: str) -> int:
-    """The process of a deployment's replica (a handle call, made from an event loop as Serve's
-    throughput mode wants)."""
-    from ray import serve
-
-    async def ask():
-        return (await serve.get_deployment_handle(deployment, app_name="imsearch-index").info.remote())["pid"]
-
-    return asyncio.run(ask())
-
-
 def test_metrics_after_real_requests(service, ray_session, image_index_dir, corpus_dir):
     client = httpx.Client(base_url=service, timeout=60)
     root, _ = corpus_dir
@@ -127,7 +115,7 @@ def test_metrics_after_real_requests(service, ray_session, image_index_dir, corp
             s.close()
 
     # A partial answer: one shard's replica dies; the others answer until it is back.
-    os.kill(replica_pid("Shard001"), signal.SIGKILL)
+    os.kill(shard_info("Shard001")["pid"], signal.SIGKILL)
     partial, deadline = False, time.time() + 180
     while time.time() < deadline:
         r = client.post("/search/vector", content=one, headers={"content-type": "application/json"})

@@ -13,6 +13,7 @@ import yaml
 from indexing import ShardedIndex
 from indexing.build import arrow_to_vectors, read_embeddings
 from evaluation.edits import edited_copy
+from tests.conftest import shard_info
 
 
 @pytest.fixture(scope="module")
@@ -146,21 +147,18 @@ def test_bad_input_gets_json_error_and_service_survives(client, catalog, method,
 
 
 def test_killed_shard_replica_recovers(client, ray_session, image_index_dir):
-    from ray import serve
-
-    pid = serve.get_deployment_handle("Shard001", app_name="imsearch-index").info.remote().result()["pid"]
+    pid = shard_info("Shard001")["pid"]
     query = {"vector": [0.03] * 1280, "k": 5}
     full = client.post("/search/vector", json=query).json()
     assert full["partial"] is False
     os.kill(pid, signal.SIGKILL)
-    shard = serve.get_deployment_handle("Shard001", app_name="imsearch-index")
     partials, recovered, deadline = 0, False, time.time() + 180
     while time.time() < deadline:
         r = client.post("/search/vector", json=query)
         assert r.status_code == 200, r.text  # answered throughout: partial or from a restarted replica
         partials += r.json()["partial"]
         if not r.json()["partial"] and client.get("/healthz").status_code == 200:
-            if shard.info.remote().result(timeout_s=10)["pid"] != pid:
+            if shard_info("Shard001")["pid"] != pid:
                 recovered = True
                 break
         time.sleep(0.5)

@@ -14,7 +14,7 @@ from indexing.__main__ import main as indexing_main
 from indexing.build import arrow_to_vectors, read_embeddings
 from indexing.ids import shard_of
 from indexing.manifest import read_manifest
-from tests.conftest import WRITE_TOKEN
+from tests.conftest import WRITE_TOKEN, shard_info
 from tests.images import picture
 
 AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
@@ -114,20 +114,17 @@ def test_flagged_images_never_appear(client, image_index_dir):
 
 
 def test_acknowledged_writes_survive_sigkill(client, image_index_dir):
-    from ray import serve
-
     m = read_manifest(str(image_index_dir))
     mine = [i for i in range(9_100_000_000, 9_100_000_400) if shard_of([i], m.slot_table)[0] == 2][:8]
     before = client.get("/stats").json()["shards"][2]["count"]
     for n, i in enumerate(mine):
         assert put(client, i, picture(100 + n), uri=f"s3://test/{i}").status_code == 201
-    handle = serve.get_deployment_handle("Shard002", app_name="imsearch-index")
-    pid = handle.info.remote().result()["pid"]
+    pid = shard_info("Shard002")["pid"]
     os.kill(pid, signal.SIGKILL)
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
-            info = handle.info.remote().result(timeout_s=10)
+            info = shard_info("Shard002")
             if info["pid"] != pid:
                 break
         except Exception:
