@@ -50,7 +50,7 @@ class FeatureCache:
                 self.bytes -= old.nbytes
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8, max_queued_requests=32)
+@serve.deployment(ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=8, max_queued_requests=32)
 class Verifier:
     def __init__(self, decode: dict, cache_bytes: int = 256 * 1024 * 1024, threads: int = 2):
         self.decode = DecodeConfig(**decode)

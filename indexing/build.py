@@ -395,14 +395,16 @@ def build_from_images(
     )
     out_fs, out_path = storage.resolve(emb_uri)
     replace_ray_data_bars()
-    with Progress("embedding", len(listed), "images") as progress:
-        stop = poll(progress, lambda: ray.get(tally.get.remote()))
-        try:
-            ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["shard"])
-        finally:
-            stop()
-        progress.update_to(ray.get(tally.get.remote()))
-    ray.kill(tally)
+    try:
+        with Progress("embedding", len(listed), "images") as progress:
+            stop = poll(progress, lambda: ray.get(tally.get.remote()))
+            try:
+                ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["shard"])
+            finally:
+                stop()
+            progress.update_to(ray.get(tally.get.remote()))
+    finally:
+        ray.kill(tally)
     failed = write_failed(index_dir, emb_uri)
     m = finish_index(index_dir, cfg, version, emb_name, num_shards, slot_table, factory, cfg.model.model_dump(),
                      [scheme + root])

@@ -57,11 +57,17 @@ COMPACT_AFTER_BYTES = 128 * 1024
 def isolated_serve_env() -> dict:
     """os.environ plus HAProxy ports and files of its own, so a second Serve (a subprocess) runs
     beside the test session's service. A short folder: HAProxy refuses socket paths over 97
-    characters."""
+    characters. Its replicas' direct-ingress ports come from another range: Serve binds them with
+    SO_REUSEPORT, so two Serve instances on one host with the same range share ports, and the
+    kernel spreads one's requests over both (seen: a chaos run's /stats answered by the session's
+    service)."""
     import tempfile
 
     haproxy = tempfile.mkdtemp(prefix="hap-")
-    return {**os.environ, "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    return {**os.environ,
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "32000", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "33000",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "42000", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": "43000",
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{haproxy}/haproxy.cfg",
             "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{haproxy}/admin.sock",
