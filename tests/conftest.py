@@ -60,13 +60,15 @@ def isolated_serve_env() -> dict:
     characters. Its replicas' direct-ingress ports come from another range: Serve binds them with
     SO_REUSEPORT, so two Serve instances on one host with the same range share ports, and the
     kernel spreads one's requests over both (seen: a chaos run's /stats answered by the session's
-    service)."""
+    service). The same holds for the fallback proxy's fixed ports."""
     import tempfile
 
     haproxy = tempfile.mkdtemp(prefix="hap-")
     return {**os.environ,
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "32000", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "33000",
             "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "42000", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": "43000",
+            # The proxy HAProxy falls back to (before replicas register) has fixed ports too.
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()), "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{haproxy}/haproxy.cfg",
