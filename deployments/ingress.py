@@ -32,6 +32,7 @@ from deployments.http import (
     parse_size, parse_uri, parse_vector_request, read_body, read_image, token_in, vector_body_limit,
 )
 from deployments import openapi, thumbnails
+from deployments.cache import BytesLRU
 from deployments.metrics import DECODE_EMBED, FANOUT, MERGE_RANK, VERIFY, IngressMetrics
 from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, rank, run_batch, within
 from indexing.catalog import sha_key
@@ -116,7 +117,8 @@ class Ingress:
         self.write_tokens = frozenset(write_tokens)
         self.read_tokens = frozenset(read_tokens) | self.write_tokens if read_tokens else None
         self.metrics = IngressMetrics()
-        self.thumbnails = thumbnails.ThumbnailCache(self.cfg.thumbnail_cache_bytes)
+        # Keyed by uri, sha256 and size: a replaced image never answers with its old thumbnail.
+        self.thumbnails = BytesLRU(self.cfg.thumbnail_cache_bytes, size=len)
         self.thumbnail_slots = asyncio.Semaphore(self.cfg.max_concurrent_thumbnails)
         self.page_html = _page(self.cfg, needs_token=self.read_tokens is not None)
         self.routes = [

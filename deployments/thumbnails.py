@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import threading
-from collections import OrderedDict
-from typing import Optional
 
 from embedding.decode import ImageDecodeError, decode_image
 from indexing import storage
@@ -39,30 +36,3 @@ def make_thumbnail(uri: str, roots: list[str], size: int, *, sha256: str = "", m
     img.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True)
     return out.getvalue()
 
-
-class ThumbnailCache:
-    """Least-recently-used thumbnails, bounded by their total bytes. Keys carry the image's sha256,
-    so a replaced image never answers with its old thumbnail. Safe from several threads."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = max_bytes, 0
-        self._items: OrderedDict[tuple, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> Optional[bytes]:
-        with self._lock:
-            data = self._items.get(key)
-            if data is not None:
-                self._items.move_to_end(key)
-            return data
-
-    def put(self, key: tuple, data: bytes) -> None:
-        if len(data) > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            self.bytes += len(data) - (len(old) if old else 0)
-            self._items[key] = data
-            while self.bytes > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self.bytes -= len(dropped)

@@ -8,9 +8,8 @@ simply not verified."""
 from __future__ import annotations
 
 import asyncio
-import threading
+import hashlib
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -18,43 +17,18 @@ from ray import serve
 
 from configs.schema import DecodeConfig
 from embedding.decode import ImageDecodeError
+from deployments.cache import BytesLRU
 from embedding.local_features import Features, features_of, inliers
 from indexing import storage
 from indexing.catalog import sha_key
-
-
-class FeatureCache:
-    """Least-recently-used features, bounded by their bytes; keyed by uri and content hash, so a
-    replaced image is never verified against its old features."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = max_bytes, 0
-        self._items: OrderedDict[tuple, Features] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> Optional[Features]:
-        with self._lock:
-            f = self._items.get(key)
-            if f is not None:
-                self._items.move_to_end(key)
-            return f
-
-    def put(self, key: tuple, f: Features) -> None:
-        with self._lock:
-            if key in self._items:
-                return
-            self._items[key] = f
-            self.bytes += f.nbytes
-            while self.bytes > self.max_bytes and self._items:
-                _, old = self._items.popitem(last=False)
-                self.bytes -= old.nbytes
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=8, max_queued_requests=32)
 class Verifier:
     def __init__(self, decode: dict, cache_bytes: int = 256 * 1024 * 1024, threads: int = 2):
         self.decode = DecodeConfig(**decode)
-        self.cache = FeatureCache(cache_bytes)
+        # Keyed by uri and content hash: a replaced image is never verified against its old features.
+        self.cache = BytesLRU(cache_bytes, size=lambda f: f.nbytes)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="verify")
 
     def _candidate(self, c: dict, roots: list[str]) -> Optional[Features]:
@@ -62,7 +36,7 @@ class Verifier:
         f = self.cache.get(key)
         if f is None:
             try:
-                data = storage.read_source(c["uri"], roots, lambda d: sha_key(_sha256(d)) == c["sha64"])
+                data = storage.read_source(c["uri"], roots, lambda d: sha_key(hashlib.sha256(d).hexdigest()) == c["sha64"])
                 f = features_of(data, max_bytes=self.decode.max_bytes, max_pixels=self.decode.max_pixels)
             except (storage.SourceUnavailable, ImageDecodeError):
                 return None  # not verifiable: it keeps its place
@@ -90,8 +64,3 @@ class Verifier:
         except ImageDecodeError:
             return {}
 
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()

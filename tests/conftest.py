@@ -120,6 +120,15 @@ def image_index_dir(ray_session, corpus_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def client(service):
+    """An HTTP client of the session's service."""
+    import httpx
+
+    with httpx.Client(base_url=service, timeout=60) as c:
+        yield c
+
+
 @pytest.fixture(scope="session")
 def service(ray_session, image_index_dir, tmp_path_factory):
     """serve_config.yaml deployed on the session's Ray, serving image_index_dir; yields the base URL.

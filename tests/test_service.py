@@ -4,7 +4,6 @@ import os
 import signal
 import time
 
-import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -14,12 +13,6 @@ from indexing import ShardedIndex
 from indexing.build import arrow_to_vectors, read_embeddings
 from evaluation.edits import edited_copy
 from tests.conftest import shard_info
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    with httpx.Client(base_url=service, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import os
 import shutil
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
@@ -15,12 +14,6 @@ from tests.images import picture
 
 AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    with httpx.Client(base_url=service, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

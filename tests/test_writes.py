@@ -20,12 +20,6 @@ from tests.images import picture
 AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def client(service):
-    with httpx.Client(base_url=service, timeout=60) as c:
-        yield c
-
-
 def put(client, id_, data, **params):
     return client.put(f"/images/{id_}", content=data, params=params,
                       headers={**AUTH, "content-type": "image/jpeg"})
