@@ -145,3 +145,43 @@ def service(ray_session, image_index_dir, tmp_path_factory):
     url = deploy(cfg)
     assert wait_healthy(url, 180), "service did not become healthy"
     yield url
+
+
+@pytest.fixture(scope="module")
+def tight_front(service):
+    """A second front `ov` (route /ov) on the session's index, admitting 2 requests at a time: two
+    held requests fill it, where filling the session's front would take 128 held sockets."""
+    from deployments.__main__ import DEFAULT_SERVE_CONFIG, load_serve_config, wait_healthy
+    from deployments.switch import deploy_config, deployed_config, wait_gone, wait_running
+
+    front = load_serve_config(str(DEFAULT_SERVE_CONFIG), None, None, None)["applications"][0]
+    session = {a["name"]: a for a in deployed_config()["applications"]}["imsearch"]
+    front.update(name="ov", route_prefix="/ov", args=dict(session["args"]))
+    front["args"]["overrides"] = {"serve": {"max_in_flight": 2}}
+    for d in front["deployments"]:
+        d.setdefault("ray_actor_options", {})["num_cpus"] = 0.05
+        if d["name"] == "Embedder":
+            d["autoscaling_config"]["max_replicas"] = 1
+    cfg = deployed_config()
+    cfg["applications"].append(front)
+    deploy_config(cfg)
+    wait_running("ov", 180)
+    assert wait_healthy(service + "/ov", 60)
+    yield service + "/ov"
+    cfg = deployed_config()
+    cfg["applications"] = [a for a in cfg["applications"] if a["name"] != "ov"]
+    deploy_config(cfg)
+    wait_gone("ov", 60)
+
+
+def slow_upload(base_url: str, body: bytes):
+    """A POST /search/vector whose body is only partly sent: it holds an Ingress admission slot
+    until the caller sends the rest (`body[10:]`); returns the socket."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    s = socket.create_connection((url.hostname, url.port))
+    s.sendall(f"POST {url.path.rstrip('/')}/search/vector HTTP/1.1\r\nHost: {url.hostname}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+    return s

@@ -1,6 +1,5 @@
 """The serving fast path over real HTTP: batched fan-out gives ShardedIndex's exact answers under
 concurrency, overload gets a fast JSON 503, and the largest request is bounded."""
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,10 +9,9 @@ import numpy as np
 import orjson
 import pytest
 
-from deployments.__main__ import DEFAULT_SERVE_CONFIG, load_serve_config, wait_healthy
-from deployments.switch import deploy_config, deployed_config, wait_gone, wait_running
 from indexing import ShardedIndex
 from indexing.build import arrow_to_vectors, read_embeddings
+from tests.conftest import slow_upload
 
 
 @pytest.fixture(scope="module")
@@ -48,39 +46,6 @@ def test_64_mixed_concurrent_requests_equal_sharded_index(service, image_index_d
         assert got == want.tolist()
 
 
-@pytest.fixture(scope="module")
-def tight_front(service):
-    """A second front `ov` (route /ov) on the session's index, admitting 2 requests at a time."""
-    front = load_serve_config(str(DEFAULT_SERVE_CONFIG), None, None, None)["applications"][0]
-    session = {a["name"]: a for a in deployed_config()["applications"]}["imsearch"]
-    front.update(name="ov", route_prefix="/ov", args=dict(session["args"]))
-    front["args"]["overrides"] = {"serve": {"max_in_flight": 2}}
-    for d in front["deployments"]:
-        d.setdefault("ray_actor_options", {})["num_cpus"] = 0.05
-        if d["name"] == "Embedder":
-            d["autoscaling_config"]["max_replicas"] = 1
-    cfg = deployed_config()
-    cfg["applications"].append(front)
-    deploy_config(cfg)
-    wait_running("ov", 180)
-    assert wait_healthy(service + "/ov", 60)
-    yield service + "/ov"
-    cfg = deployed_config()
-    cfg["applications"] = [a for a in cfg["applications"] if a["name"] != "ov"]
-    deploy_config(cfg)
-    wait_gone("ov", 60)
-
-
-def _slow_upload(url: str, body: bytes) -> socket.socket:
-    """A request whose body is only partly sent: it holds an Ingress slot until the rest arrives."""
-    host, port = url.split("://")[1].split("/")[0].split(":")
-    path = "/" + url.split("://")[1].split("/", 1)[1] + "/search/vector"
-    s = socket.create_connection((host, int(port)))
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
-    return s
-
-
 def test_overload_gets_fast_503_and_recovers(tight_front, vectors):
     body = orjson.dumps({"vectors": vectors[:16].tolist(), "k": 50, "dedupe": True})  # encoded once: a cheap client
     out = []
@@ -102,7 +67,7 @@ def test_overload_gets_fast_503_and_recovers(tight_front, vectors):
     # Refused at once, not after a queue: while two slow uploads hold both slots for 5 s, every
     # other request is answered 503 long before they finish; then the held ones still succeed.
     one = orjson.dumps({"vector": vectors[0].tolist(), "k": 3})
-    held = [_slow_upload(tight_front, one) for _ in range(2)]
+    held = [slow_upload(tight_front, one) for _ in range(2)]
     time.sleep(0.5)
     t0, probes = time.perf_counter(), []
     for _ in range(5):

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -14,10 +13,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from configs.schema import load_config
 from indexing.ids import shard_of
 from indexing.manifest import read_manifest
-from tests.conftest import WRITE_TOKEN, shard_info
+from tests.conftest import WRITE_TOKEN, shard_info, slow_upload
 from tests.images import picture
 
 AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
@@ -58,20 +56,11 @@ def missing(families: dict) -> list:
     return out
 
 
-def _slow_upload(url: str, body: bytes) -> socket.socket:
-    """A request whose body is only partly sent: it holds an Ingress slot until the rest arrives."""
-    host, port = url.split("://")[1].split(":")
-    s = socket.create_connection((host, int(port)))
-    s.sendall(f"POST /search/vector HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
-    return s
-
-
 def generation(client, shard: int) -> int:
     return client.get("/stats").json()["shards"][shard]["generation"]
 
 
-def test_metrics_after_real_requests(service, ray_session, image_index_dir, corpus_dir):
+def test_metrics_after_real_requests(service, tight_front, ray_session, image_index_dir, corpus_dir):
     client = httpx.Client(base_url=service, timeout=60)
     root, _ = corpus_dir
     photo = next(p for p in sorted(root.rglob("*.jpg")) if p.parent.name != "broken").read_bytes()
@@ -94,19 +83,19 @@ def test_metrics_after_real_requests(service, ray_session, image_index_dir, corp
     for id_ in ids[: n + 1]:
         assert client.delete(f"/images/{id_}", headers=AUTH).status_code == 200
 
-    # An overload: every admission slot held by a slow upload, then one more request.
-    limit = load_config(None, {}).serve.max_in_flight
-    held = [_slow_upload(service, one) for _ in range(limit)]
+    # An overload: both admission slots of a 2-slot front held by slow uploads, then one more request.
+    held = [slow_upload(tight_front, one) for _ in range(2)]
     try:
         deadline = time.time() + 30
         while time.time() < deadline:
-            r = client.post("/search/vector", content=one, headers={"content-type": "application/json"})
+            r = httpx.post(f"{tight_front}/search/vector", content=one, headers={"content-type": "application/json"},
+                           timeout=30)
             if r.status_code == 503:
                 assert r.json()["error"]["code"] == "overloaded"
                 break
             time.sleep(0.2)
         else:
-            pytest.fail(f"{limit} held requests did not fill the Ingress")
+            pytest.fail("2 held requests did not fill the 2-slot front")
     finally:
         for s in held:
             s.sendall(one[10:])
