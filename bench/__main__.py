@@ -8,6 +8,8 @@
   indexing   images/s: `python -m indexing build` end to end vs a single-process loop
   load       p50/p99 of image and vector queries at rising concurrency, with the saturation point
   memory     resident bytes per vector of a shard replica vs the code size of the factory
+  routing    shards a query visits under hash vs cell placement, at 8/64/384 simulated shards, on the
+             real photos' embeddings and on synthetic vectors (1M; --quick 50k): recall@10, skew
   chaos      a multi-node cluster on this machine under load through node loss, a rolling redeploy
              and SIGKILLs of every component; every request's outcome checked (docs/reliability.md)
 
@@ -140,7 +142,7 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("verb", choices=["all", "search", "levers", "embedding", "indexing", "load", "memory", "chaos"])
+    p.add_argument("verb", choices=["all", "search", "levers", "embedding", "indexing", "load", "memory", "chaos", "routing"])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--images", default=os.path.join(os.environ.get("DATA", os.path.join("..", "shared", "data")), "scene15"),
                    help="folder of real photos (default: $DATA/scene15, see docs/data.md)")
@@ -167,6 +169,17 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.images):
         print(f"error: --images {args.images} is not a folder of photos", file=sys.stderr)
         return 2
+    if args.verb == "routing":
+        from bench.routing import markdown, run_routing, write_report
+        from bench.vectors import real_embeddings, synthetic
+
+        size = SIZES[args.quick]
+        sets = [real_embeddings(args.images, os.path.join(args.out, "work", "cache"), size["real_views"]),
+                synthetic(size["synthetic"], queries=2000)]
+        report = run_routing(sets)
+        write_report(report, args.out)
+        print(markdown(report))
+        return 0
     verbs = ["indexing", "embedding", "load", "memory", "search"] if args.verb == "all" else [args.verb]
     results = run(verbs, args.images, args.out, args.quick, args.port, args.factory, args.nprobe, args.baseline_tree)
     print(open(os.path.join(args.out, f"{'all' if args.verb == 'all' else args.verb}.md")).read())

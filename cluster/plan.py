@@ -6,8 +6,14 @@ Formulas (all sizes in bytes, GiB = 2**30):
   index_bytes        = images * bytes_per_vector                      (one copy)
   shards             = ceil(index_bytes / (max_shard_gib * GiB))
   vectors_per_shard  = ceil(images / shards);  shard_bytes = vectors_per_shard * bytes_per_vector
-  replicas           = max(replication, ceil(target_qps / shard_replica_qps))
-                       (every query visits every shard, so each shard must carry the full QPS)
+  share              = 1 under hash placement (every query visits every shard);
+                       under cell placement min(1, touched_shards / shards): a query visits the owners
+                       of its nprobe nearest cells, a count that does not grow with the shard count
+                       (measured: `python -m bench routing`, touched_mean)
+  replicas           = max(replication, ceil(target_qps * share / shard_replica_qps))
+  hot_replicas       = max(replication, ceil(target_qps * share * hot_queries_factor / shard_replica_qps))
+                       (cells only: the busiest shard sees hot_queries_factor x the mean queries)
+  searches_per_query = ceil(shards * share)
   memory_bytes       = index_bytes * replicas
   shards_per_node    = floor(node_memory_gib * GiB * memory_headroom / shard_bytes)
   shard_nodes        = ceil(shards * replicas / shards_per_node)
@@ -17,6 +23,7 @@ Formulas (all sizes in bytes, GiB = 2**30):
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
@@ -40,6 +47,12 @@ class PlanInput(BaseModel):
     measured_bytes_per_vector: PositiveFloat | None = Field(
         None, description="resident bytes per vector measured in a replica; replaces code + id + overhead")
     factory: str = Field("", description="the factory the bytes per vector belong to (reported)")
+    placement: Literal["hash", "cells"] = Field("hash", description="hash: every query visits every shard; "
+                                                "cells: only the shards owning its nearest cells")
+    touched_shards: PositiveFloat = Field(16, description="cells: shards a query visits, at most nprobe "
+                                          "(bench routing's touched_mean)")
+    hot_queries_factor: float = Field(1.5, ge=1, description="cells: queries of the busiest shard over the mean "
+                                      "(bench routing's queries_max_over_mean)")
 
 
 def measured(path: str, factory: str | None = None) -> tuple[float, str]:
@@ -59,6 +72,20 @@ def measured(path: str, factory: str | None = None) -> tuple[float, str]:
     return float(best["scanned_bytes_per_vector"]), best["factory"]
 
 
+def routed(path: str) -> dict:
+    """touched_shards and hot_queries_factor from `python -m bench routing` JSON: the cell-placement
+    row of the largest vector set at the most shards measured (the closest to a large corpus)."""
+    import json
+
+    with open(path) as f:
+        rows = [r for r in json.load(f).get("rows", []) if r.get("placement") == "cells"]
+    if not rows:
+        raise ValueError(f"{path} has no cell-placement rows: run `python -m bench routing` first")
+    best = max(rows, key=lambda r: (r["vectors"], r["shards"]))
+    return {"placement": "cells", "touched_shards": best["touched_mean"],
+            "hot_queries_factor": max(1.0, best["queries_max_over_mean"])}
+
+
 def make_plan(p: PlanInput) -> dict:
     """Apply the module formulas; returns every intermediate quantity."""
     bpv = p.measured_bytes_per_vector or (p.code_bytes or p.dim) + p.id_bytes + p.ivf_overhead_bytes
@@ -66,7 +93,10 @@ def make_plan(p: PlanInput) -> dict:
     shards = max(1, math.ceil(index_bytes / (p.max_shard_gib * GIB)))
     vps = math.ceil(p.images / shards)
     shard_bytes = vps * bpv
-    replicas = max(p.replication, math.ceil(p.target_qps / p.shard_replica_qps))
+    share = min(1.0, p.touched_shards / shards) if p.placement == "cells" else 1.0
+    replicas = max(p.replication, math.ceil(p.target_qps * share / p.shard_replica_qps))
+    hot = p.hot_queries_factor if p.placement == "cells" else 1.0
+    hot_replicas = max(p.replication, math.ceil(p.target_qps * share * hot / p.shard_replica_qps))
     per_node = math.floor(p.node_memory_gib * GIB * p.memory_headroom / shard_bytes)
     if per_node < 1:
         raise ValueError(f"a {shard_bytes / GIB:.1f} GiB shard does not fit a node's usable "
@@ -78,6 +108,9 @@ def make_plan(p: PlanInput) -> dict:
         "vectors_per_shard": vps,
         "shard_bytes": shard_bytes,
         "replicas_per_shard": replicas,
+        "hot_shard_replicas": hot_replicas,
+        "queries_per_s_per_shard": p.target_qps * share,
+        "shard_searches_per_query": math.ceil(shards * share),
         "memory_bytes": index_bytes * replicas,
         "shards_per_node": per_node,
         "shard_nodes": math.ceil(shards * replicas / per_node),
@@ -96,8 +129,14 @@ def format_plan(p: PlanInput, plan: dict) -> str:
         f"shards            {plan['shards']:,} x {plan['vectors_per_shard']:,} vectors "
         f"({plan['shard_bytes'] / GIB:,.1f} GiB each)",
         f"replicas/shard    {plan['replicas_per_shard']} (replication {p.replication}, "
-        f"QPS {p.target_qps:,.0f} / {p.shard_replica_qps:,.0f} per replica)",
-        f"memory, all       {plan['memory_bytes'] / tib:,.2f} TiB",
+        f"{plan['queries_per_s_per_shard']:,.1f} QPS per shard / {p.shard_replica_qps:,.0f} per replica)",
+        f"per query         {plan['shard_searches_per_query']:,} of {plan['shards']:,} shards searched ("
+        + (f"cell placement, {p.touched_shards:g} on average)" if p.placement == "cells" else "hash placement: all)"),
+        *([f"hot shards        the busiest sees {p.hot_queries_factor:.2f}x the mean queries: "
+           f"{plan['hot_shard_replicas']} replicas for it; or split its cells over more shards "
+           "(python -m indexing rebalance regroups whole cells)"] if p.placement == "cells" else []),
+        f"memory, all       {plan['memory_bytes'] / tib:,.2f} TiB"
+        + (" (every shard at the mean replica count)" if p.placement == "cells" else ""),
         f"shard nodes       {plan['shard_nodes']:,} ({plan['shards_per_node']} shards per "
         f"{p.node_memory_gib:,.0f} GiB node at {p.memory_headroom:.0%})",
         f"serving GPUs      {plan['serving_gpus']:,} (at {p.gpu_images_per_s:,.0f} images/s per GPU)",

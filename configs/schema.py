@@ -64,6 +64,10 @@ class IndexConfig(_Strict):
     train_sample: PositiveInt = Field(200_000, description="vectors sampled to train the template")
     slots: PositiveInt = Field(4096, description="placement slots S: slot = mix64(id) % S; fixed for the index's life")
     shards: PositiveInt = Field(1, description="number of shards N the slots are spread over")
+    placement: Literal["hash", "cells"] = Field(
+        "hash", description="hash: an id's slot picks its shard and every query visits every shard; cells: a "
+                            "vector's IVF cell picks its shard, neighbouring cells share one, and a query visits "
+                            "only the shards owning its nprobe nearest cells (needs an IVF factory)")
 
 
 class BuildConfig(_Strict):

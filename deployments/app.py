@@ -52,7 +52,8 @@ def build_index(args: dict) -> serve.Application:
         for i, name in enumerate(names)
     ]
     info = {"version": m.version, "dim": m.dim, "metric": m.metric, "factory": m.factory, "nprobe": m.nprobe,
-            "index_dir": index_dir, "slot_table": m.slot_table, "shards": names, "sources": m.sources}
+            "index_dir": index_dir, "slot_table": m.slot_table, "shards": names, "sources": m.sources,
+            "placement": m.placement, "cell_table": m.cell_table, "template": m.template}
     return Index.bind(shards, info)
 
 

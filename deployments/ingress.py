@@ -36,6 +36,7 @@ from deployments.cache import BytesLRU
 from deployments.metrics import DECODE_EMBED, FANOUT, MERGE_RANK, VERIFY, IngressMetrics
 from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, rank, run_batch, within
 from indexing.catalog import sha_key
+from indexing.cells import CellRouting
 from indexing.ids import id_from_bytes, id_from_path
 from indexing.live import SealedError
 from indexing.policy import verified_first
@@ -71,9 +72,15 @@ class IndexVersion:
     shards: list[DeploymentHandle]
     router: Router
 
-    def shard(self, id_: int) -> DeploymentHandle:
-        """The shard deployment that holds (or will hold) an id."""
-        return self.shards[self.router.shard_for(id_)]
+    async def lookup(self, id_: int, timeout_s: float) -> tuple[Optional[int], Optional[dict]]:
+        """The shard holding an id and the id's metadata; (None, None) when no shard has it. Under
+        hash placement one shard is asked; under cell placement all are (a membership check each)."""
+        candidates = self.router.shards_for_id(id_)
+        unavailable = ApiError(503, "shards_unavailable", f"the shard holding image {id_} did not answer",
+                               headers={"Retry-After": "2"})
+        answers = await asyncio.gather(*[_bounded(lambda s=s: self.shards[s].get.remote(id_), timeout_s, unavailable)
+                                         for s in candidates])
+        return next(((s, meta) for s, meta in zip(candidates, answers) if meta is not None), (None, None))
 
 
 def overloaded(what: str) -> ApiError:
@@ -158,9 +165,13 @@ class Ingress:
                                   ApiError(503, "index_unavailable", f"index application {app} does not answer"))
             shards = [serve.get_deployment_handle(name, app_name=app, _check_exists=False) for name in info["shards"]]
             searches = [lambda q, k, p, h=h: h.search.remote(q, k, p) for h in shards]
+            cells = None
+            if info.get("placement") == "cells":  # the coarse quantizer only: centroids, no codes
+                cells = await asyncio.to_thread(CellRouting.open, info["index_dir"], info["template"],
+                                                info["cell_table"], info["nprobe"])
             router = Router(searches, info["slot_table"], info["metric"], self.cfg.shard_timeout_s,
                             is_overload=lambda e: isinstance(e, BackPressureError),
-                            on_fanout=lambda seconds: self.metrics.stage(FANOUT, seconds))
+                            on_fanout=lambda seconds: self.metrics.stage(FANOUT, seconds), cells=cells)
             self.version = IndexVersion(app, info, shards, router)  # a request keeps the version it started on
         return self.version
 
@@ -335,8 +346,11 @@ class Ingress:
 
     # ------------------------------------------------------------------ writes and lookups
 
-    async def _write(self, op: str, id_: int, *args) -> bool:
-        """Send a write to the shard that owns the id, unless writes are paused. The in-flight count
+    async def _write(self, op: str, id_: int, *args, vector: Optional[np.ndarray] = None) -> bool:
+        """Send a write to the shard that holds the id (an upsert: the shard its placement gives
+        the id and `vector`), unless writes are paused. Under cell placement an upsert whose new
+        vector lies in another shard's cell also deletes the old copy, so an id lives on one shard.
+        Returns whether the id existed. The in-flight count
         rises before the pause check, so once a switch sees writes paused and none in flight, none
         can still reach the old version. A write not acknowledged in time answers 503 with its
         outcome unknown; the call keeps running, so it is never reported failed after being logged."""
@@ -345,14 +359,27 @@ class Ingress:
             if self.routing.writes_paused:
                 raise ApiError(503, "writes_paused", "the index is switching versions; retry in a few seconds",
                                headers={"Retry-After": "5"})
-            shard = (await self._index()).shard(id_)
+            version = await self._index()
             unknown = ApiError(503, "write_outcome_unknown",
                                f"the write to image {id_} was not acknowledged within {self.cfg.write_timeout_s} s "
                                "and may still be applied: read it back with GET, or repeat it (writes are idempotent)",
                                headers={"Retry-After": "5"})
+
+            def send(shard: int, op: str, *args):
+                return _bounded(lambda: version.shards[shard].write.remote(op, id_, *args), self.cfg.write_timeout_s,
+                                unknown, keep_running=True)
+
             try:
-                return await _bounded(lambda: shard.write.remote(op, id_, *args), self.cfg.write_timeout_s, unknown,
-                                      keep_running=True)
+                if version.router.cells is None:
+                    return await send(version.router.shards_for_id(id_)[0], op, *args)
+                holder, _ = await version.lookup(id_, self.cfg.shard_timeout_s)
+                if op != "upsert":
+                    return holder is not None and await send(holder, op, *args)
+                target = version.router.shard_for_write(id_, vector)
+                await send(target, op, *args)
+                if holder not in (None, target):  # the id moved cells: its old copy goes
+                    await send(holder, "delete")
+                return holder is not None
             except SealedError:  # this replica has not yet heard of a version switch: the shard fenced it
                 raise ApiError(503, "writes_paused", "the index switched versions; retry in a few seconds",
                                headers={"Retry-After": "2"}) from None
@@ -364,7 +391,8 @@ class Ingress:
         return parse_uri(request.query_params.get("uri"), self.cfg.uri_schemes, self.cfg.uri_roots + info.get("sources", []))
 
     async def _upsert(self, id_: int, vector, uri: str, data: bytes, phash, **extra) -> Response:
-        existed = await self._write("upsert", id_, vector, uri, hashlib.sha256(data).hexdigest(), None, None, phash)
+        existed = await self._write("upsert", id_, vector, uri, hashlib.sha256(data).hexdigest(), None, None, phash,
+                                    vector=np.asarray(vector, np.float32))
         return JSONResponse({"id": id_, "created": not existed, **extra}, status_code=200 if existed else 201)
 
     async def add_image(self, request: Request) -> Response:
@@ -385,10 +413,7 @@ class Ingress:
         id_ = parse_image_id(request.path_params["id"])
         if request.method == "GET":
             self._authorize_read(request)
-            shard = (await self._index()).shard(id_)
-            meta = await _bounded(lambda: shard.get.remote(id_), self.cfg.shard_timeout_s,
-                                  ApiError(503, "shards_unavailable", f"the shard holding image {id_} did not answer",
-                                           headers={"Retry-After": "2"}))
+            _, meta = await (await self._index()).lookup(id_, self.cfg.shard_timeout_s)
             # Private and unsafe images do not exist for readers: ids are guessable from paths.
             if meta is None or ((meta["private"] or meta["unsafe"]) and not self._is_writer(request)):
                 raise ApiError(404, "not_found", f"no image {id_}")
@@ -429,9 +454,7 @@ class Ingress:
         size = parse_size(request.query_params.get("size"), thumbnails.DEFAULT_SIZE, thumbnails.MIN_SIZE,
                           thumbnails.MAX_SIZE)
         version = await self._index()
-        meta = await _bounded(lambda: version.shard(id_).get.remote(id_), self.cfg.shard_timeout_s,
-                              ApiError(503, "shards_unavailable", f"the shard holding image {id_} did not answer",
-                                       headers={"Retry-After": "2"}))
+        _, meta = await version.lookup(id_, self.cfg.shard_timeout_s)
         if meta is None or meta["private"] or meta["unsafe"]:
             raise ApiError(404, "not_found", f"no image {id_}")
         headers = {"ETag": f'"{meta["sha256"][:32] or id_}-{size}"',
@@ -483,7 +506,8 @@ class Ingress:
         total = sum(s["count"] for s in infos) if all(infos) else None
         keys = ("count", "generation", "log_bytes", "rss_bytes", "load_rss_bytes") if operator else ("count",)
         shards = [{"shard": i, "loaded": s is not None, **{k: (s or {}).get(k) for k in keys}} for i, s in enumerate(infos)]
-        hidden = ("slot_table", "shards") if operator else ("slot_table", "shards", "index_dir")
+        hidden = ("slot_table", "cell_table", "template", "shards")
+        hidden += () if operator else ("index_dir",)
         info = {k: v for k, v in (await self._index()).info.items() if k not in hidden}
         return JSONResponse({**info, "index_app": self.routing.index_app, "writes_paused": self.routing.writes_paused,
                              "total": total, "shards": shards})

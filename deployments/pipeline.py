@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable, Optional, Sequence
 
 import numpy as np
 
+from indexing.cells import CellRouting, spread
 from indexing.ids import shard_of
 from indexing.merge import merge_topk
 from indexing.policy import rank_results
@@ -71,18 +72,27 @@ class Query:
 
 
 class Router:
-    """One index version as the Ingress sees it: a search callable per shard, the slot table that
-    places ids on shards (writes and lookups go to one shard), the deadline of a fan-out.
+    """One index version as the Ingress sees it: a search callable per shard, the placement (the
+    slot table, and for a cell-placed index its CellRouting), the deadline of a fan-out.
     `on_fanout(seconds)` hears how long each fan-out waited for its shards."""
 
     def __init__(self, shards: Sequence[ShardSearch], slot_table: Sequence[int], metric: str, timeout_s: float,
                  is_overload: Callable[[BaseException], bool] = lambda e: False,
-                 on_fanout: Callable[[float], None] = lambda seconds: None):
+                 on_fanout: Callable[[float], None] = lambda seconds: None, cells: Optional[CellRouting] = None):
         self.shards, self.slot_table, self.metric, self.timeout_s = list(shards), slot_table, metric, timeout_s
-        self.is_overload, self.on_fanout = is_overload, on_fanout
+        self.is_overload, self.on_fanout, self.cells = is_overload, on_fanout, cells
 
-    def shard_for(self, id_: int) -> int:
-        """The shard that holds (or will hold) an id."""
+    def shards_for_id(self, id_: int) -> list[int]:
+        """The shards that may hold an id: its slot's shard, or under cell placement every shard
+        (an id's cell follows its vector, which lookups, deletes and flags do not carry)."""
+        if self.cells is not None:
+            return list(range(len(self.shards)))
+        return [int(shard_of([id_], self.slot_table)[0])]
+
+    def shard_for_write(self, id_: int, vector: np.ndarray) -> int:
+        """The shard an upsert of (id, vector) goes to: the id's slot, or its vector's cell."""
+        if self.cells is not None:
+            return self.cells.shard_of_vector(vector)
         return int(shard_of([id_], self.slot_table)[0])
 
     async def _call(self, search: ShardSearch, *args) -> dict:
@@ -100,28 +110,35 @@ class Router:
             return await within(search(*args), deadline - time.monotonic())
 
     async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int]) -> Hits:
-        """Every shard searches the whole matrix once; exact top-k merge of those that answer in time."""
+        """Each shard asked searches its rows of the matrix once (all rows under hash placement,
+        under cell placement the rows with a cell there); exact top-k merge of those that answer
+        in time."""
         t0 = time.perf_counter()
-        answers = await asyncio.gather(*[self._call(s, queries, k, nprobe) for s in self.shards],
-                                       return_exceptions=True)
+        rows = self.cells.rows(queries, nprobe) if self.cells is not None else None
+        asked = list(range(len(self.shards))) if rows is None else [s for s, r in enumerate(rows) if len(r)]
+        answers = await asyncio.gather(
+            *[self._call(self.shards[s], queries if rows is None else queries[rows[s]], k, nprobe) for s in asked],
+            return_exceptions=True)
         t1 = time.perf_counter()
         self.on_fanout(t1 - t0)
         ok, failed = [], []
-        for i, a in enumerate(answers):
+        for s, a in zip(asked, answers):
             if isinstance(a, BaseException):
-                LOG.warning("shard %d left out: %s", i, type(a).__name__)
+                LOG.warning("shard %d left out: %s", s, type(a).__name__)
                 failed.append(a)
             else:
-                ok.append(a)
+                ok.append((s, a))
         if not ok:
             if failed and all(self.is_overload(e) for e in failed):
-                raise Overloaded(f"all {len(self.shards)} shards are at their queue limit")
+                raise Overloaded(f"all {len(asked)} shards asked are at their queue limit")
             kinds = sorted({type(e).__name__ for e in failed})
-            raise ShardsUnavailable(f"none of {len(self.shards)} shards answered " + (
+            raise ShardsUnavailable(f"none of {len(asked)} shards asked answered " + (
                 f"within {self.timeout_s} s" if kinds == ["TimeoutError"] else f"({', '.join(kinds)})"))
-        D, I = merge_topk([(a["D"], a["I"]) for a in ok], k, self.metric)
-        meta = {i: m for a in ok for i, m in a["meta"].items()}
-        return Hits(D, I, meta, partial=len(ok) < len(self.shards), merge_s=time.perf_counter() - t1)
+        parts = [(a["D"], a["I"]) if rows is None else spread((a["D"], a["I"]), rows[s], len(queries), self.metric)
+                 for s, a in ok]
+        D, I = merge_topk(parts, k, self.metric)
+        meta = {i: m for _, a in ok for i, m in a["meta"].items()}
+        return Hits(D, I, meta, partial=len(ok) < len(asked), merge_s=time.perf_counter() - t1)
 
 
 async def within(response: Any, timeout_s: float, *, keep_running: bool = False) -> Any:

@@ -26,7 +26,7 @@ def _cmd_build(args) -> int:
         raise UsageError("--ids goes with --vectors")
     if args.shards is not None and args.shards < 1:
         raise UsageError(f"--shards must be >= 1, got {args.shards}")
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, {"index": {"placement": args.placement}} if args.placement else None)
     if args.vectors:
         vectors = _load_npy(args.vectors, "--vectors")
         ids = _load_npy(args.ids, "--ids") if args.ids else None
@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     b.add_argument("--index-dir", required=True, help="where the index is written (path or URI)")
     b.add_argument("--shards", type=int, help="number of shards (default: index.shards in the config)")
     b.add_argument("--factory", help="FAISS index_factory string, overriding index.factory")
+    b.add_argument("--placement", choices=["hash", "cells"],
+                   help="hash: ids by slot, every query visits every shard; cells: vectors by IVF cell, a query "
+                        "visits only the shards of its nearest cells (default: index.placement in the config)")
     b.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     b.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     b.set_defaults(fn=_cmd_build)

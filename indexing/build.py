@@ -220,6 +220,45 @@ def write_vectors_parquet(uri: str, ids: np.ndarray, vectors: np.ndarray, slot_t
     )
 
 
+def place_by_cells(emb_uri: str, template, num_shards: int, batch_rows: int = 65536) -> list[int]:
+    """Cell placement: count the vectors of each IVF cell, group neighbouring cells into shards
+    (indexing.cells.group_cells), and rewrite the embeddings' shard partitions to follow the
+    cells, so each shard task still reads only its own partition. Returns the cell table.
+
+    Two passes over the vectors on this process: at a scale where that is too slow, the same two
+    passes are Ray Data maps; the cell table is the only thing they need to share."""
+    from indexing.cells import CoarseQuantizer, group_cells
+
+    quantizer = CoarseQuantizer(template)
+    ds = embeddings_dataset(emb_uri)
+
+    def cells_of(batch: pa.RecordBatch) -> np.ndarray:
+        cells = np.full(batch.num_rows, -1, np.int64)
+        ok = np.asarray(batch.column("error").to_numpy(zero_copy_only=False)) == ""
+        if ok.any():  # failed images carry zero vectors and no cell; they stay for failed.jsonl
+            cells[ok] = quantizer.cells(arrow_to_vectors(batch.column("embedding"))[ok], 1)[:, 0]
+        return cells
+
+    counts = np.zeros(quantizer.nlist, np.int64)
+    for batch in ds.to_batches(columns=["embedding", "error"], batch_size=batch_rows):
+        cells = cells_of(batch)
+        counts += np.bincount(cells[cells >= 0], minlength=quantizer.nlist)
+    table = np.asarray(group_cells(quantizer.centroids, counts, num_shards))
+    columns = [f for f in ds.schema.names if f != "shard"]
+    fs, path = storage.resolve(emb_uri)
+
+    def placed():
+        for batch in ds.to_batches(columns=columns, batch_size=batch_rows):
+            yield batch.append_column("shard", pa.array(table[np.maximum(cells_of(batch), 0)]))
+
+    schema = pa.schema([ds.schema.field(c) for c in columns] + [pa.field("shard", pa.int64())])
+    pads.write_dataset(placed(), path + ".cells", schema=schema, filesystem=fs, format="parquet",
+                       partitioning=["shard"], partitioning_flavor="hive")
+    fs.delete_dir(path)
+    fs.move(path + ".cells", path)
+    return table.tolist()
+
+
 # ---------------------------------------------------------------- shards
 
 
@@ -286,6 +325,12 @@ def finish_index(
     LOG.info("template %s trained in %.1f s", factory, time.time() - t0)
     template_name = versioned("template.faiss", version)
     write_index(template, storage.join(index_dir, template_name))
+    cell_table = None
+    if cfg.index.placement == "cells":
+        try:
+            cell_table = place_by_cells(emb_uri, template, num_shards)
+        except ValueError as e:
+            raise BuildError(f"index.placement cells: {e}") from None
     entries = write_shards(index_dir, version, serialize(template), emb_uri, num_shards, cfg.build)
     catalog = versioned("catalog.parquet", version)
     write_catalog(index_dir, emb_uri, catalog)
@@ -293,7 +338,7 @@ def finish_index(
         version=version, dim=dim, metric=cfg.index.metric, factory=factory, nprobe=cfg.index.nprobe,
         total=sum(e.count for e in entries), template=template_name, num_slots=len(slot_table),
         slot_table=slot_table, shards=entries, catalog=catalog, embeddings=emb_name, model=model,
-        sources=sources or [],
+        sources=sources or [], placement=cfg.index.placement, cell_table=cell_table,
     )
     publish_manifest(index_dir, manifest)
     return manifest

@@ -180,7 +180,11 @@ class LiveShard:
             return open_snapshot(self._path("g0.arrow"))
         catalog = read_catalog(self.root, self.manifest.catalog)
         ids = catalog.column("id").to_numpy()
-        mine = catalog.filter(pa.array(shard_of(ids, self.manifest.slot_table) == self.shard_no)) if len(ids) else catalog
+        if self.manifest.placement == "cells":  # the build put each id where its cell is: the shard file says
+            here = np.isin(ids, shard_ids(self.base))
+        else:
+            here = shard_of(ids, self.manifest.slot_table) == self.shard_no
+        mine = catalog.filter(pa.array(here)) if len(ids) else catalog
         if self.live is None:
             return mine
         write_snapshot(self._path("g0.arrow"), mine)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
@@ -46,6 +46,9 @@ class Manifest(BaseModel):
     num_slots: int = Field(gt=0)
     slot_table: list[int] = Field(description="slot -> shard")
     shards: list[ShardEntry]
+    placement: Literal["hash", "cells"] = Field(
+        "hash", description="hash: ids go to shards through the slot table; cells: vectors through the cell table")
+    cell_table: Optional[list[int]] = Field(None, description="IVF cell -> shard, with placement 'cells'")
     catalog: Optional[str] = "catalog.parquet"
     embeddings: Optional[str] = "embeddings"
     model: Optional[dict] = Field(None, description="the ModelConfig that produced the vectors")
@@ -59,6 +62,11 @@ class Manifest(BaseModel):
         bad = [s for s in set(self.slot_table) if not 0 <= s < len(self.shards)]
         if bad:
             raise ValueError(f"slot_table names shards {sorted(bad)} but there are {len(self.shards)} shards")
+        if (self.placement == "cells") != (self.cell_table is not None):
+            raise ValueError("placement 'cells' needs a cell_table, and only it has one")
+        bad = [s for s in set(self.cell_table or []) if not 0 <= s < len(self.shards)]
+        if bad:
+            raise ValueError(f"cell_table names shards {sorted(bad)} but there are {len(self.shards)} shards")
         if sum(s.count for s in self.shards) != self.total:
             raise ValueError(f"shard counts sum to {sum(s.count for s in self.shards)}, total is {self.total}")
         return self

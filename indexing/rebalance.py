@@ -1,4 +1,5 @@
-"""Rebalancing: move whole slots between shards, copying codes as they are (no re-embedding).
+"""Rebalancing: move whole slots (or, under cell placement, whole cells) between shards, copying
+codes as they are (no re-embedding).
 
 A Ray Data job with one row per new shard. Every shard is a copy of one trained template, so an IVF code moves by copying its inverted-list
 entry (list number, id, code bytes) into the new shard. The new shards, catalog and manifest are
@@ -19,7 +20,8 @@ from configs.progress import Progress, replace_ray_data_bars
 from indexing import storage
 from indexing.build import shard_files, versioned
 from indexing.catalog import write_catalog
-from indexing.ids import shard_of, slot_of
+from indexing.cells import CoarseQuantizer, group_cells
+from indexing.ids import initial_slot_table, shard_of, slot_of
 from indexing.live import LiveShard
 from indexing.manifest import Manifest, ReplayFrom, ShardEntry, publish_manifest, read_manifest
 from indexing.shards import carries_ids, read_index, write_index
@@ -53,6 +55,41 @@ def plan_rebalance(slot_counts: np.ndarray, old_table: list[int], num_shards: in
     return table.tolist()
 
 
+def plan_cells(centroids: np.ndarray, counts: np.ndarray, old_table: list[int], num_shards: int) -> list[int]:
+    """A cell table over `num_shards`: neighbouring cells regrouped (indexing.cells.group_cells),
+    each new group numbered after the old shard it shares most vectors with, so fewer codes move."""
+    new = np.asarray(group_cells(centroids, counts, num_shards))
+    old = np.asarray(old_table)
+    overlap = np.zeros((num_shards, num_shards))
+    here = old < num_shards
+    np.add.at(overlap, (new[here], old[here]), np.asarray(counts)[here] + 1)
+    label = np.full(num_shards, -1)
+    taken = np.zeros(num_shards, bool)
+    for flat in np.argsort(-overlap, axis=None):
+        g, s = divmod(int(flat), num_shards)
+        if label[g] < 0 and not taken[s] and overlap[g, s] > 0:
+            label[g], taken[s] = s, True
+    label[label < 0] = np.flatnonzero(~taken)
+    return label[new].tolist()
+
+
+def cell_counts_of(index_dir: str, m: Manifest) -> np.ndarray:
+    """Vectors per IVF cell over every shard's current state (snapshot + log)."""
+    counts = 0
+    for s in range(m.num_shards):
+        ivf = faiss.extract_index_ivf(LiveShard(index_dir, m, s).materialize())
+        counts = counts + np.array([ivf.invlists.list_size(l) for l in range(ivf.nlist)], np.int64)
+    return counts
+
+
+def ids_in_cells(index: faiss.Index, cells: np.ndarray) -> np.ndarray:
+    """Ids of an IVF index stored in the cells where the boolean mask `cells` is set."""
+    inv = faiss.extract_index_ivf(index).invlists
+    parts = [faiss.rev_swig_ptr(inv.get_ids(int(l)), inv.list_size(int(l))).copy()
+             for l in np.flatnonzero(cells) if inv.list_size(int(l))]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 def _extract(index: faiss.Index, keep: np.ndarray):
     """Entries of `index` whose id is in `keep`: (list_no, ids, codes) per IVF list, or (ids, vectors)."""
     if carries_ids(index):
@@ -74,7 +111,8 @@ def _extract(index: faiss.Index, keep: np.ndarray):
 
 
 def fill_rebalanced_shard(index_dir: str, old: dict, template: str, new_table: list[int], shard: int, out_uri: str):
-    """Build new shard `shard` from every old shard's current state (snapshot + log).
+    """Build new shard `shard` from every old shard's current state (snapshot + log). `new_table`
+    is the new slot table, or under cell placement the new cell table (whole cells move).
 
     Returns (count, the metadata rows of the new shard as an Arrow table, the (generation, offset)
     read of each old shard), so that writes the old version takes later can be replayed onto this one."""
@@ -85,10 +123,14 @@ def fill_rebalanced_shard(index_dir: str, old: dict, template: str, new_table: l
     for s in range(m.num_shards):
         live = LiveShard(index_dir, m, s)
         positions.append(live.position)
-        ids = live.ids()
-        keep = ids[shard_of(ids, new_table) == shard]
+        index = live.materialize()
+        if m.placement == "cells":
+            keep = ids_in_cells(index, np.asarray(new_table) == shard)
+        else:
+            ids = live.ids()
+            keep = ids[shard_of(ids, new_table) == shard]
         tables.append(live.table(keep))
-        for l, got_ids, payload in _extract(live.materialize(), keep):
+        for l, got_ids, payload in _extract(index, keep):
             if l < 0:
                 if len(got_ids):
                     new.add_with_ids(payload, got_ids)
@@ -110,9 +152,16 @@ def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05, task_cpu
 
     t0 = time.time()
     m = read_manifest(index_dir)
-    ids = np.concatenate([LiveShard(index_dir, m, s).ids() for s in range(m.num_shards)])
-    counts = np.bincount(slot_of(ids, m.num_slots), minlength=m.num_slots)
-    table = plan_rebalance(counts, m.slot_table, num_shards, tolerance)
+    if m.placement == "cells":
+        counts = cell_counts_of(index_dir, m)
+        template_index = read_index(storage.join(index_dir, m.template))
+        table = plan_cells(CoarseQuantizer(template_index).centroids, counts, m.cell_table, num_shards)
+        placed = dict(cell_table=table, slot_table=initial_slot_table(m.num_slots, num_shards))  # slots unused
+    else:
+        ids = np.concatenate([LiveShard(index_dir, m, s).ids() for s in range(m.num_shards)])
+        counts = np.bincount(slot_of(ids, m.num_slots), minlength=m.num_slots)
+        table = plan_rebalance(counts, m.slot_table, num_shards, tolerance)
+        placed = dict(slot_table=table)
     version = m.version + 1
     names = shard_files(num_shards, version)
     old = m.model_dump()
@@ -127,7 +176,7 @@ def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05, task_cpu
         .map(fill, num_cpus=task_cpus)
     rows = []
     replace_ray_data_bars()
-    with Progress("rebalancing", len(ids), "vectors") as progress:
+    with Progress("rebalancing", int(counts.sum()), "vectors") as progress:
         for row in ds.iter_rows():  # each new shard as it is written
             rows.append(row)
             progress.update(row["count"])
@@ -140,7 +189,7 @@ def rebalance(index_dir: str, num_shards: int, tolerance: float = 0.05, task_cpu
     # upserts, deletes and flag changes give the same state when applied again in order.
     replay = ReplayFrom(version=m.version, positions=[list(min(d[2][s] for d in done)) for s in range(m.num_shards)])
     new = m.model_copy(update=dict(
-        version=version, created_at=time.time(), total=int(sum(sizes)), slot_table=table, catalog=catalog,
+        version=version, created_at=time.time(), total=int(sum(sizes)), **placed, catalog=catalog,
         shards=[ShardEntry(path=p, count=c) for p, c in zip(names, sizes)], replay_from=replay,
     ))
     new = Manifest.model_validate(new.model_dump())

@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 
 from indexing import storage
+from indexing.cells import CellRouting, spread
 from indexing.manifest import Manifest, read_manifest
 from indexing.merge import merge_topk
 from indexing.shards import read_index, search_shard
@@ -18,6 +19,9 @@ class ShardedIndex:
 
     def __init__(self, manifest: Manifest, shards: list[faiss.Index], index_dir: str):
         self.manifest, self.shards, self.index_dir = manifest, shards, index_dir
+        self.cells = None
+        if manifest.placement == "cells":
+            self.cells = CellRouting.open(index_dir, manifest.template, manifest.cell_table, manifest.nprobe)
 
     @classmethod
     def open(cls, index_dir: str, version: Optional[int] = None) -> "ShardedIndex":
@@ -43,10 +47,21 @@ class ShardedIndex:
         if not 1 <= k:
             raise ValueError(f"k must be >= 1, got {k}")
         nprobe = nprobe or self.manifest.nprobe
-        if len(self.shards) == 1:
-            parts = [search_shard(self.shards[0], queries, k, nprobe, exclude=exclude)]
-        else:
-            # faiss releases the GIL, so threads search shards in parallel.
-            with ThreadPoolExecutor(len(self.shards)) as pool:
-                parts = list(pool.map(lambda s: search_shard(s, queries, k, nprobe, exclude=exclude), self.shards))
-        return merge_topk(parts, k, self.manifest.metric)
+        rows = self.rows_per_shard(queries, nprobe)
+
+        def one(s: int):
+            return search_shard(self.shards[s], queries[rows[s]], k, nprobe, exclude=exclude)
+
+        asked = [s for s in range(len(self.shards)) if len(rows[s])] or [0]
+        # faiss releases the GIL, so threads search shards in parallel.
+        with ThreadPoolExecutor(max(1, len(asked))) as pool:
+            parts = list(pool.map(one, asked))
+        return merge_topk([spread(p, rows[s], len(queries), self.manifest.metric) for s, p in zip(asked, parts)],
+                          k, self.manifest.metric)
+
+    def rows_per_shard(self, queries: np.ndarray, nprobe: int) -> list[np.ndarray]:
+        """The query rows each shard is asked: all of them under hash placement, under cell
+        placement those whose nprobe nearest cells include one of the shard's."""
+        if self.cells is None:
+            return [np.arange(len(queries))] * len(self.shards)
+        return self.cells.rows(queries, nprobe)

@@ -85,3 +85,16 @@ def test_plan_takes_bytes_per_vector_from_a_memory_benchmark(tmp_path, capsys):
     assert cluster_main(["plan", "--images", "1e11", "--measured", str(tmp_path / "memory.json"), "--factory", "IVF4096,SQ8"]) == 0
     assert "281 B/vector (measured, IVF4096,SQ8)" in capsys.readouterr().out
     assert cluster_main(["plan", "--images", "1e11", "--measured", str(tmp_path / "nope.json")]) == 2
+
+
+def test_cell_placement_plan_searches_few_shards_and_sizes_hot_ones():
+    base = dict(images=10**11, replication=2, target_qps=20_000, shard_replica_qps=500)
+    hashed, cells = make_plan(PlanInput(**base)), make_plan(PlanInput(**base, placement="cells", touched_shards=12,
+                                                                         hot_queries_factor=3.0))
+    assert hashed["shards"] == cells["shards"] and hashed["shard_searches_per_query"] == hashed["shards"]
+    assert hashed["replicas_per_shard"] == 40  # every shard carries all 20,000 QPS
+    share = 12 / cells["shards"]
+    assert cells["shard_searches_per_query"] == 12
+    assert cells["replicas_per_shard"] == max(2, math.ceil(20_000 * share / 500))
+    assert cells["hot_shard_replicas"] == max(2, math.ceil(20_000 * share * 3.0 / 500))
+    assert cells["memory_bytes"] < hashed["memory_bytes"] / 10

@@ -1,0 +1,131 @@
+"""A cell-placed index served over HTTP: 4 shards answer exactly as one unsharded IVF index, writes
+(upsert, a move to another cell's shard, delete, flag) land where the placement says, and a
+rebalance to 3 shards, switched to with writes in between, answers the same."""
+import httpx
+import numpy as np
+import pytest
+
+from bench.vectors import synthetic
+from configs.schema import load_config
+from deployments.__main__ import DEFAULT_SERVE_CONFIG, load_serve_config, wait_healthy
+from deployments.switch import deploy_config, deployed_config, switch, wait_gone, wait_running
+from indexing import storage
+from indexing.build import build_from_vectors
+from indexing.cells import CellRouting
+from indexing.manifest import read_manifest
+from indexing.merge import merge_topk
+from indexing.rebalance import rebalance
+from indexing.shards import add_to_shard, read_index, search_shard
+from tests.conftest import WRITE_TOKEN
+from tests.images import picture
+
+AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
+JPEG = {**AUTH, "content-type": "image/jpeg"}
+PICTURES = 120  # photos among the synthetic vectors, so uploads fall into cells of their own
+
+
+@pytest.fixture(scope="module")
+def cells_service(ray_session, service, embedder, tmp_path_factory):
+    """Apps `cl` (route /cl) and `cl-index`: 4 shards, placement cells. Yields (url, dir, ids, vectors)."""
+    index_dir = str(tmp_path_factory.mktemp("cells") / "index")
+    base = synthetic(2400, dim=embedder.dim, queries=1, seed=11).base
+    photos = embedder.embed_bytes([picture(10_000 + i) for i in range(PICTURES)])
+    x = np.concatenate([base, photos]).astype(np.float32)
+    ids = np.arange(len(x), dtype=np.int64) * 5 + 3
+    build_from_vectors(x, ids, index_dir, load_config(None, {"index": {"placement": "cells"}}), 4, "IVF64,Flat")
+    front, index = load_serve_config(str(DEFAULT_SERVE_CONFIG), index_dir, None, None)["applications"]
+    front.update(name="cl", route_prefix="/cl")
+    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN], "near_duplicate_bits": None}}
+    index.update(name="cl-index")
+    index["args"]["overrides"] = {"serve": {"shard_num_cpus": 0.05}}
+    for d in front["deployments"]:
+        d.setdefault("ray_actor_options", {})["num_cpus"] = 0.05  # fits beside the session's service
+        if d["name"] == "Embedder":
+            d["autoscaling_config"]["max_replicas"] = 1
+        if d["name"] == "Ingress":
+            d["user_config"]["index_app"] = "cl-index"
+    cfg = deployed_config()
+    cfg["applications"] += [front, index]
+    deploy_config(cfg)
+    wait_running("cl", 180)
+    url = service + "/cl"
+    assert wait_healthy(url, 60)
+    yield url, index_dir, ids, x
+    cfg = deployed_config()
+    cfg["applications"] = [a for a in cfg["applications"] if not a["name"].startswith("cl")]
+    deploy_config(cfg)
+    wait_gone("cl", 60)
+
+
+def served(c: httpx.Client, queries: np.ndarray, nprobe: int) -> list[list[int]]:
+    r = c.post("/search/vector", json={"vectors": queries.tolist(), "k": 10, "nprobe": nprobe, "dedupe": False})
+    assert r.status_code == 200 and not r.json()["partial"], r.text
+    return [[h["id"] for h in row] for row in r.json()["results"]]
+
+
+def test_cell_placement_served_end_to_end(cells_service):
+    url, index_dir, ids, x = cells_service
+    c = httpx.Client(base_url=url, timeout=60)
+    m = read_manifest(index_dir)
+    assert m.placement == "cells" and m.num_shards == 4
+    rng = np.random.default_rng(2)
+    queries = (x[rng.choice(len(x), 24, replace=False)] + rng.normal(scale=0.03, size=(24, x.shape[1]))).astype(np.float32)
+
+    # Exactly the unsharded IVF: the same template holding every vector (ties in the service's order).
+    whole = read_index(storage.join(index_dir, m.template))
+    add_to_shard(whole, ids, x)
+    for nprobe in (1, 4, 16):
+        want = merge_topk([search_shard(whole, queries, 10, nprobe)], 10)[1]
+        assert served(c, queries, nprobe) == want.tolist()
+    routing = CellRouting.open(index_dir, m.template, m.cell_table, m.nprobe)
+    assert sum(len(r) for r in routing.rows(queries, 4)) < 4 * len(queries)  # not every shard every query
+
+    # Upsert: a new image lands on its cell's shard, once; found by its own vector.
+    def vector_of(seed: int) -> np.ndarray:
+        r = c.post("/embed", content=picture(seed), headers={"content-type": "image/jpeg"})
+        return np.asarray(r.json()["vector"], np.float32)
+
+    first = vector_of(1)
+    other = next(s for s in range(2, 400) if routing.shard_of_vector(vector_of(s)) != routing.shard_of_vector(first))
+    total = c.get("/stats").json()["total"]
+    assert c.put("/images/7", content=picture(1), headers=JPEG).status_code == 201
+    assert c.get("/images/7").status_code == 200
+    assert served(c, first[None], 16)[0][0] == 7
+    assert c.get("/stats").json()["total"] == total + 1
+    # Replaced by a picture whose cell is on another shard: the id moves; no second copy stays.
+    assert c.put("/images/7", content=picture(other), headers=JPEG).status_code == 200
+    assert c.get("/stats").json()["total"] == total + 1
+    assert served(c, vector_of(other)[None], 16)[0][0] == 7
+    assert 7 not in served(c, first[None], 64)[0]
+    # Delete and flag reach the shard that holds the id.
+    assert c.delete("/images/7", headers=AUTH).status_code == 200
+    assert c.get("/images/7").status_code == 404 and c.delete("/images/7", headers=AUTH).status_code == 404
+    assert c.get("/stats").json()["total"] == total
+    flagged = int(ids[5])
+    assert c.patch(f"/images/{flagged}", json={"private": True}, headers=AUTH).status_code == 200
+    assert c.get(f"/images/{flagged}").status_code == 404
+    assert c.get(f"/images/{flagged}", headers=AUTH).json()["private"]
+    assert flagged not in served(c, x[5][None], 64)[0]
+    assert c.patch("/images/999999999", json={"private": True}, headers=AUTH).status_code == 404
+
+    # Rebalance 4 -> 3 (whole cells move), writes meanwhile, switch: still the unsharded IVF's answers.
+    new = rebalance(index_dir, 3, task_cpus=0.05)
+    assert new.placement == "cells" and new.num_shards == 3 and max(new.cell_table) == 2
+    # Writes after the rebalance read the old shards: only the catch-up carries them.
+    assert c.put("/images/9", content=picture(other), headers=JPEG).status_code == 201
+    assert c.put("/images/11", content=picture(1), headers=JPEG).status_code == 201
+    assert c.delete("/images/11", headers=AUTH).status_code == 200
+    gone = int(ids[6])
+    assert c.delete(f"/images/{gone}", headers=AUTH).status_code == 200
+    out = switch("cl", timeout_s=180, drain_s=3)
+    assert out["switched"] and out["writes_carried"] >= 4
+    stats = c.get("/stats").json()
+    assert stats["version"] == 2 and len(stats["shards"]) == 3 and stats["total"] == total
+    assert c.get("/images/9").status_code == 200 and c.get("/images/11").status_code == 404
+    assert c.get(f"/images/{gone}").status_code == 404
+    keep = ids != gone
+    whole = read_index(storage.join(index_dir, m.template))
+    add_to_shard(whole, np.append(ids[keep], 9), np.vstack([x[keep], vector_of(other)]))
+    for nprobe in (1, 4, 16):
+        want = merge_topk([search_shard(whole, queries, 10, nprobe, exclude=np.array([flagged]))], 10)[1]
+        assert served(c, queries, nprobe) == want.tolist()
