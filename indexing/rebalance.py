@@ -77,14 +77,16 @@ def cell_counts_of(index_dir: str, m: Manifest) -> np.ndarray:
     """Vectors per IVF cell over every shard's current state (snapshot + log)."""
     counts = 0
     for s in range(m.num_shards):
-        ivf = faiss.extract_index_ivf(LiveShard(index_dir, m, s).materialize())
+        index = LiveShard(index_dir, m, s).materialize()  # held: the IVF below points into it
+        ivf = faiss.extract_index_ivf(index)
         counts = counts + np.array([ivf.invlists.list_size(l) for l in range(ivf.nlist)], np.int64)
     return counts
 
 
 def ids_in_cells(index: faiss.Index, cells: np.ndarray) -> np.ndarray:
     """Ids of an IVF index stored in the cells where the boolean mask `cells` is set."""
-    inv = faiss.extract_index_ivf(index).invlists
+    ivf = faiss.extract_index_ivf(index)
+    inv = ivf.invlists
     parts = [faiss.rev_swig_ptr(inv.get_ids(int(l)), inv.list_size(int(l))).copy()
              for l in np.flatnonzero(cells) if inv.list_size(int(l))]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)

@@ -1,11 +1,14 @@
 """Cell placement: neighbouring cells grouped into balanced shards, and a query sent only to the
 shards that own its nearest cells gets exactly what one unsharded IVF index answers."""
+import asyncio
+
 import faiss
 import numpy as np
 import pytest
 
 from bench.vectors import synthetic
 from configs.schema import load_config
+from deployments.pipeline import Router
 from indexing import storage
 from indexing.build import BuildError, build_from_vectors
 from indexing.cells import CoarseQuantizer, group_cells, shard_rows, shards_touched
@@ -62,6 +65,21 @@ def test_cell_placed_index_answers_as_one_ivf(ray_session, tmp_path, clustered):
         np.testing.assert_allclose(got_d, want_d, rtol=1e-6)
     rows = ix.rows_per_shard(clustered.queries, 4)
     assert sum(len(r) for r in rows) < 0.7 * 4 * len(clustered.queries)  # most shards skipped
+
+    # The service's Router asks only the owners of each query's cells, and merges the same answer.
+    asked = [[] for _ in ix.shards]
+
+    def shard_search(s):
+        async def search(q, k, nprobe):
+            asked[s].append(len(q))
+            D, I = search_shard(ix.shards[s], q, k, nprobe)
+            return {"D": D, "I": I, "meta": {}}
+        return search
+
+    router = Router([shard_search(s) for s in range(4)], m.slot_table, m.metric, 10.0, cells=ix.cells)
+    hits = asyncio.run(router.search(clustered.queries, 10, 4))
+    np.testing.assert_array_equal(hits.ids, ix.search(clustered.queries, 10, nprobe=4)[1])
+    assert [sum(a) for a in asked] == [len(r) for r in rows] and not hits.partial
 
     # Each shard holds exactly the vectors of its cells.
     cells = CoarseQuantizer(whole).cells(clustered.base, 1)[:, 0]
