@@ -177,6 +177,15 @@ def main(argv=None) -> int:
         sets = [real_embeddings(args.images, os.path.join(args.out, "work", "cache"), size["real_views"]),
                 synthetic(size["synthetic"], queries=2000)]
         report = run_routing(sets)
+        import ray
+
+        from bench.routing import served
+        from deployments import environment
+
+        environment.apply()
+        ray.init(num_cpus=os.cpu_count(), namespace="serve", include_dashboard=False, logging_level="WARNING")
+        report["served"] = served(synthetic(size["serving"], queries=500, seed=1), os.path.join(args.out, "work"),
+                                  args.port, requests=100 if args.quick else 400)
         write_report(report, args.out)
         print(markdown(report))
         return 0

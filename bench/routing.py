@@ -29,6 +29,8 @@ SHARDS = (8, 64, 384)
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TARGET_RECALL = 0.95
 CELLS_PER_SHARD = 16  # a shard is a group of cells: with fewer, one big cell unbalances it
+SERVED_COLUMNS = ["dataset", "shards", "nlist", "nprobe", "placement", "served_recall@10", "concurrency", "requests",
+                  "errors", "p50_ms", "p99_ms", "qps"]
 SLOTS = 4096          # the default placement slots (configs/default.yaml index.slots)
 COLUMNS = ["dataset", "vectors", "shards", "nlist", "nprobe", "recall@10", "placement", "touched_mean",
            "touched_p99", "touched_share", "vectors_max_over_mean", "queries_max_over_mean"]
@@ -101,12 +103,71 @@ def run_routing(sets: list[VectorSet], shards=SHARDS) -> dict:
     return {"machine": machine(), "target_recall": TARGET_RECALL, "rows": rows}
 
 
+def served(vs: VectorSet, work: str, port: int, shards: int = 8, requests: int = 400) -> list[dict]:
+    """Both placements built from the same vectors (IVF-SQ8, the service's default codec) and
+    served over HTTP in turn: recall@10 of the served answers, and p50/p99 and QPS of one-vector
+    queries at concurrency 1 and 16 (closed loop)."""
+    import httpx
+
+    from bench.__main__ import Service
+    from bench.common import run_load
+    from configs.schema import load_config
+    from indexing.build import build_from_vectors
+
+    nlist = nlist_for(len(vs.base), shards)
+    index = ivf(vs, nlist)
+    nprobe = next((p for p in NPROBES if _recall(index, vs, p) >= TARGET_RECALL), NPROBES[-1])
+    svc, rows = Service(port), []
+    for placement in ("hash", "cells"):
+        d = os.path.join(work, f"served-{placement}-{len(vs.base)}-{shards}")
+        if not os.path.exists(os.path.join(d, "manifest.json")):
+            cfg = load_config(None, {"index": {"placement": placement, "nprobe": nprobe}})
+            build_from_vectors(vs.base, None, d, cfg, shards, f"IVF{nlist},SQ8")
+        url = svc.serve(d)
+        client = httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64))
+        found = []
+        for s in range(0, len(vs.queries), 32):  # within the service's vectors-per-request limit
+            r = client.post("/search/vector", json={"vectors": vs.queries[s : s + 32].tolist(), "k": 10,
+                                                    "dedupe": False})
+            r.raise_for_status()
+            found += [[h["id"] for h in row] + [-1] * (10 - len(row)) for row in r.json()["results"]]
+        bodies = [orjson_vector(q) for q in vs.queries]
+
+        def ask(i: int) -> bool:
+            return client.post("/search/vector", content=bodies[i % len(bodies)],
+                               headers={"content-type": "application/json"}).status_code == 200
+
+        for concurrency in (1, 16):
+            load = run_load(ask, concurrency, requests)
+            rows.append({"dataset": vs.name, "shards": shards, "nlist": nlist, "nprobe": nprobe,
+                         "placement": placement, "served_recall@10": recall_at_k(np.array(found), vs.truth, 10), **load})
+            LOG.info("served %s, %d shards, concurrency %d: %.0f QPS, p50 %.1f ms", placement, shards,
+                     concurrency, load["qps"], load["p50_ms"])
+    return rows
+
+
+def _recall(index: faiss.IndexIVFFlat, vs: VectorSet, nprobe: int) -> float:
+    index.nprobe = nprobe
+    return recall_at_k(index.search(vs.queries, 10)[1], vs.truth, 10)
+
+
+def orjson_vector(q: np.ndarray) -> bytes:
+    """A one-vector request body, encoded once (a cheap client)."""
+    import orjson
+
+    return orjson.dumps({"vector": q.tolist(), "k": 10, "dedupe": False})
+
+
 def markdown(report: dict) -> str:
     """The table of a run, with the machine on top."""
     m = report["machine"]
-    return (f"Machine: {m['cpus']} CPUs, {m['platform']}; run {m['when']}. nprobe: the smallest reaching "
+    text = (f"Machine: {m['cpus']} CPUs, {m['platform']}; run {m['when']}. nprobe: the smallest reaching "
             f"recall@10 >= {report['target_recall']} (the same under both placements).\n\n"
             + markdown_table(report["rows"], COLUMNS))
+    if report.get("served"):
+        text += ("\n\nServed over HTTP on this machine (all shards on one host; IVF-SQ8; one vector per request):\n\n"
+                 + markdown_table(report["served"], SERVED_COLUMNS))
+    return text
 
 
 def plot(report: dict, out: str) -> None:

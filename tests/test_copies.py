@@ -23,7 +23,7 @@ def trained(ray_session, corpus_dir, tmp_path_factory):
     """A small model trained with labels (a photo and its quadrants are one category), exported,
     an index of the test corpus built with it, and the config that names it."""
     from configs.schema import load_config
-    from embedding.train import run_training
+    from training.train import run_training
 
     root, _ = corpus_dir
     work = tmp_path_factory.mktemp("trained")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from configs.schema import ModelConfig, TrainConfig, load_config
-from embedding.losses import supcon_loss
-from embedding.train import TrainError, epoch_batches, load_sources, run_training
+from training.losses import supcon_loss
+from training.train import TrainError, epoch_batches, load_sources, run_training
 from tests.images import picture
 
 
@@ -133,7 +133,7 @@ def test_two_workers_train_data_parallel(ray_session, images, tmp_path):
 def test_pca_start_keeps_the_principal_geometry():
     from configs.schema import ConfigError
     from embedding.model import projection_head
-    from embedding.train import init_pca
+    from training.train import init_pca
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 3, generator=g) @ torch.tensor([[5.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0.1, 0]]) + 3

@@ -28,8 +28,8 @@ import torch
 
 from configs.progress import duration
 from configs.schema import AppConfig, DecodeConfig, ModelConfig, TrainConfig
-from embedding.augment import source_size, view_transform, views
-from embedding.losses import supcon_loss
+from training.augment import source_size, view_transform, views
+from training.losses import supcon_loss
 from embedding.model import EmbeddingNet, export_model, projection_head, to_input
 
 LOG = logging.getLogger(__name__)
