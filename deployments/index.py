@@ -1,8 +1,8 @@
 """Index deployment: the entry of one index version (a Serve application with no HTTP route).
 
 It holds no data and sits on no query path: it binds the version's Shard deployments into one
-application and tells the Ingress what it serves (dimension, metric, slot table, shard names), so
-the Ingress can call the shards directly (`deployments.pipeline.Router`)."""
+application and tells the Ingress what it serves (dimension, metric, placement: slot or cell
+table, shard names), so the Ingress can call the shards directly (`deployments.pipeline.Router`)."""
 from __future__ import annotations
 
 from ray import serve
@@ -16,5 +16,6 @@ class Index:
         self._shards, self.index_info = shards, index_info
 
     def info(self) -> dict:
-        """Version, dimension, metric, factory, nprobe, directory, slot table and shard deployment names."""
+        """Version, dimension, metric, factory, nprobe, directory, placement (slot table, cell table,
+        template), sources and shard deployment names."""
         return self.index_info

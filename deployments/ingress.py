@@ -348,12 +348,12 @@ class Ingress:
 
     async def _write(self, op: str, id_: int, *args, vector: Optional[np.ndarray] = None) -> bool:
         """Send a write to the shard that holds the id (an upsert: the shard its placement gives
-        the id and `vector`), unless writes are paused. Under cell placement an upsert whose new
-        vector lies in another shard's cell also deletes the old copy, so an id lives on one shard.
-        Returns whether the id existed. The in-flight count
-        rises before the pause check, so once a switch sees writes paused and none in flight, none
-        can still reach the old version. A write not acknowledged in time answers 503 with its
-        outcome unknown; the call keeps running, so it is never reported failed after being logged."""
+        the id and `vector`) unless writes are paused; returns whether the id existed. Under cell
+        placement an upsert whose new vector lies in another shard's cell also deletes the old
+        copy, so an id lives on one shard. The in-flight count rises before the pause check, so
+        once a switch sees writes paused and none in flight, none can still reach the old version.
+        A write not acknowledged in time answers 503 with its outcome unknown; the call keeps
+        running, so it is never reported failed after being logged."""
         self.writes_in_flight += 1
         try:
             if self.routing.writes_paused:
