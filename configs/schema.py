@@ -188,6 +188,7 @@ class TrainConfig(_Strict):
     lr: PositiveFloat = Field(1e-3, description="AdamW learning rate of the head (unfrozen backbone layers get lr/10)")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     temperature: PositiveFloat = Field(0.1, description="softmax temperature of the NT-Xent / SupCon loss")
+    koleo_weight: float = Field(0.0, ge=0, description="weight of the KoLeo spreading regulariser (copy detection); 0 = off")
     out_dim: PositiveInt = Field(256, description="embedding dimension after the projection head")
     hidden_dim: Optional[int] = Field(None, ge=0, description="head hidden width; None: the backbone's width; 0: one linear layer")
     head_init: Literal["random", "pca"] = Field(

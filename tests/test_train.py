@@ -147,3 +147,21 @@ def test_pca_start_keeps_the_principal_geometry():
         load_config(None, {"train": {"head_init": "pca"}})  # an MLP head cannot start as PCA
     shipped = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "train-selfsupervised.yaml"))
     assert shipped.train.head_init == "pca" and shipped.train.hidden_dim == 0
+
+
+def test_koleo_spreads_embeddings_apart():
+    from training.losses import koleo_loss
+
+    gen = torch.Generator().manual_seed(0)
+    crowd = torch.nn.functional.normalize(torch.ones(16, 8) + 0.01 * torch.randn(16, 8, generator=gen), dim=-1)
+    spread = torch.nn.functional.normalize(torch.randn(16, 8, generator=gen), dim=-1)
+    assert koleo_loss(crowd) > koleo_loss(spread)
+    z = crowd.clone().requires_grad_(True)
+    opt = torch.optim.SGD([z], lr=0.05)
+    nearest = lambda x: (torch.cdist(x, x) + 4 * torch.eye(16)).min(1).values.mean()  # noqa: E731
+    before = nearest(torch.nn.functional.normalize(z.detach(), dim=-1))
+    for _ in range(20):
+        opt.zero_grad()
+        koleo_loss(z).backward()
+        opt.step()
+    assert nearest(torch.nn.functional.normalize(z.detach(), dim=-1)) > 2 * before

@@ -24,3 +24,13 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> to
         raise ValueError("no positive pair in the batch: every label occurs once")
     per_anchor = -(log_prob.masked_fill(~pos, 0.0)).sum(dim=1) / pos.sum(dim=1).clamp(min=1)
     return per_anchor[has_pos].mean()
+
+
+def koleo_loss(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo spreading regulariser (Sablayrolles et al. 2019, used for copy detection by SSCD):
+    minus the mean log distance from each embedding to its nearest other one in the batch. It
+    pushes the embeddings of different images apart over the sphere, so the neighbourhood of a
+    copy holds its original rather than a crowd of look-alikes."""
+    z = F.normalize(z.float(), dim=-1)
+    d = torch.cdist(z, z) + torch.eye(len(z), device=z.device) * 4.0  # no unit vectors are 4 apart: self excluded
+    return -torch.log(d.min(dim=1).values + eps).mean()

@@ -29,7 +29,7 @@ import torch
 from configs.progress import duration
 from configs.schema import AppConfig, DecodeConfig, ModelConfig, TrainConfig
 from training.augment import source_size, view_transform, views
-from training.losses import supcon_loss
+from training.losses import koleo_loss, supcon_loss
 from embedding.model import EmbeddingNet, export_model, projection_head, to_input
 
 LOG = logging.getLogger(__name__)
@@ -287,7 +287,9 @@ def train_loop(config: dict) -> None:
 
     def batch_loss(items, rng) -> torch.Tensor:
         labels = torch.tensor([lab for _, lab in items], device=device)
-        return supcon_loss(forward(items, rng), labels, t.temperature)
+        z = forward(items, rng)
+        loss = supcon_loss(z, labels, t.temperature)
+        return loss + t.koleo_weight * koleo_loss(z) if t.koleo_weight else loss
 
     def held_loss() -> float:
         """Loss on fixed batches and fixed views, comparable across epochs."""
