@@ -12,32 +12,46 @@ from collections import defaultdict
 import numpy as np
 
 from indexing import storage
-from indexing.ids import shard_of
 from indexing.cells import CellRouting
-from indexing.live import append_records, read_records_since
+from indexing.ids import shard_of
+from indexing.live import LiveShard, append_records, read_records_since
 from indexing.manifest import Manifest, read_manifest
 from indexing.shards import read_index, shard_ids
 from indexing.wal import Record
 
 
-def _by_cells(index_dir: str, manifest: Manifest):
-    """Record -> [(new shard, record)] under cell placement: an upsert goes to its vector's cell
-    (and deletes the copy it replaces on another shard); a delete or flag change goes to the
-    shard that holds the id now, known from the new shard files and the upserts replayed."""
+def _cells_catch_up(index_dir: str, old: Manifest, manifest: Manifest, logged: list[list[Record]]) -> dict:
+    """new shard -> records, under cell placement. An id can move between shards (its new pixels
+    fall in another shard's cell: an upsert on one, a delete on the other), so its records are
+    spread over several old logs whose relative order is not known. The old version's final state
+    settles it: for each id the logs touched, the old shard holding it now (sealed, so final) is
+    the one whose records count, replayed in that log's order and routed by the new cell table;
+    an id no old shard holds is deleted from the new version."""
     cells = CellRouting.open(index_dir, manifest.template, manifest.cell_table, manifest.nprobe)
     holder = {int(i): n for n, e in enumerate(manifest.shards)
               for i in shard_ids(read_index(storage.join(index_dir, e.path)))}
-
-    def place(rec: Record) -> list:
-        was = holder.get(int(rec.id))
-        if rec.op != "upsert":
-            if rec.op == "delete":
-                holder.pop(int(rec.id), None)
-            return [] if was is None else [(was, rec)]
-        n = holder[int(rec.id)] = cells.shard_of_vector(np.asarray(rec.vector, np.float32))
-        return [(n, rec)] + ([(was, Record("delete", rec.id))] if was not in (None, n) else [])
-
-    return place
+    touched = {int(r.id) for records in logged for r in records}
+    held = {s: set(LiveShard(index_dir, old, s).ids().tolist()) & touched for s in range(old.num_shards)}
+    out = defaultdict(list)
+    for id_ in touched:
+        owners = [s for s in range(old.num_shards) if id_ in held[s]]
+        if not owners:
+            if id_ in holder:
+                out[holder.pop(id_)].append(Record("delete", id_))
+            continue
+        for rec in (r for s in owners for r in logged[s] if int(r.id) == id_):
+            was = holder.get(id_)
+            if rec.op == "upsert":
+                n = holder[id_] = cells.shard_of_vector(np.asarray(rec.vector, np.float32))
+                out[n].append(rec)
+                if was not in (None, n):
+                    out[was].append(Record("delete", id_))
+            elif rec.op == "delete":
+                if was is not None:
+                    out[holder.pop(id_)].append(rec)
+            elif was is not None:
+                out[was].append(rec)
+    return out
 
 
 def catch_up(index_dir: str, manifest: Manifest) -> int:
@@ -49,14 +63,16 @@ def catch_up(index_dir: str, manifest: Manifest) -> int:
     if r is None or not storage.is_local(index_dir):
         return 0  # a fresh build, or an object-store index (served read-only: no writes to carry)
     old = read_manifest(index_dir, r.version)
-    per_shard = defaultdict(list)
-    place = _by_cells(index_dir, manifest) if manifest.placement == "cells" else \
-        (lambda rec: [(int(shard_of([rec.id], manifest.slot_table)[0]), rec)])
-    # Each id lives in exactly one old shard, so per-id order is the order of that shard's log.
-    for s, (generation, offset) in enumerate(r.positions):
-        for rec in read_records_since(index_dir, old, s, (generation, offset), seal=True):
-            for n, out in place(rec):
-                per_shard[n].append(out)
+    logged = [read_records_since(index_dir, old, s, (generation, offset), seal=True)
+              for s, (generation, offset) in enumerate(r.positions)]
+    if manifest.placement == "cells":
+        per_shard = _cells_catch_up(index_dir, old, manifest, logged)
+    else:
+        per_shard = defaultdict(list)
+        # Each id lives in exactly one old shard, so per-id order is the order of that shard's log.
+        for records in logged:
+            for rec in records:
+                per_shard[int(shard_of([rec.id], manifest.slot_table)[0])].append(rec)
     for n, records in per_shard.items():
         append_records(index_dir, manifest, n, records)
     return sum(len(v) for v in per_shard.values())

@@ -11,11 +11,15 @@ from configs.schema import load_config
 from deployments.pipeline import Router
 from indexing import storage
 from indexing.build import BuildError, build_from_vectors
-from indexing.cells import CoarseQuantizer, group_cells, shard_rows, shards_touched
+from indexing.catchup import catch_up
+from indexing.cells import CellRouting, CoarseQuantizer, group_cells, shard_rows, shards_touched
+from indexing.live import LiveShard
 from indexing.manifest import Manifest, read_manifest
 from indexing.merge import merge_topk
+from indexing.rebalance import rebalance
 from indexing.shards import add_to_shard, read_index, search_shard
 from indexing.sharded import ShardedIndex
+from indexing.wal import Record
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +105,42 @@ def test_manifest_checks_the_cell_table():
     with pytest.raises(ValueError, match="cell_table names shards"):
         Manifest(**base, placement="cells", cell_table=[0, 1, 2, 1])
     assert Manifest(**base, placement="cells", cell_table=[0, 1, 1, 0]).cell_table == [0, 1, 1, 0]
+
+
+def test_catch_up_follows_ids_that_moved_cells(ray_session, tmp_path, clustered):
+    """Writes after a rebalance, as the Ingress makes them under cell placement: an id updated in
+    place and then moved to another shard's cell (an upsert there, a delete where it was), and an
+    id moved then deleted. Whatever order the old logs are read in, the new version ends with the
+    first id once, at its last vector, and without the second."""
+    d = str(tmp_path / "ix")
+    ids = np.arange(len(clustered.base), dtype=np.int64) + 1
+    build_from_vectors(clustered.base, ids, d, load_config(None, {"index": {"placement": "cells"}}), 4, "IVF64,Flat")
+    old = read_manifest(d)
+    routing = CellRouting.open(d, old.template, old.cell_table, old.nprobe)
+    place = [routing.shard_of_vector(v) for v in clustered.base]
+    new = rebalance(d, 3, task_cpus=0.05)
+
+    # The id moves to a shard numbered below its own: a catch-up that reads the old logs in shard
+    # order then meets the move's upsert before the update and the delete that preceded it.
+    x = next(j for j in range(len(ids)) if place[j] == max(place))
+    there = next(j for j in range(len(ids)) if place[j] < place[x])
+    y = next(j for j in range(len(ids)) if place[j] == place[x] and j != x)
+    a, b = place[x], place[there]
+    moved_to = clustered.base[there] * 0.999 + 0.001  # the same cell as row `there`, a vector of its own
+    moved_to /= np.linalg.norm(moved_to)
+    assert routing.shard_of_vector(moved_to) == b
+    write = lambda s, rec: LiveShard(d, old, s).write(rec)  # noqa: E731
+    write(a, Record("upsert", int(ids[x]), clustered.base[x], uri="x1"))  # updated where it is
+    write(b, Record("upsert", int(ids[x]), moved_to, uri="x2"))           # moved: new copy first ...
+    write(a, Record("delete", int(ids[x])))                                # ... then the old one goes
+    write(b, Record("upsert", int(ids[y]), moved_to, uri="y2"))
+    write(a, Record("delete", int(ids[y])))
+    write(b, Record("delete", int(ids[y])))                                # then deleted by a user
+    assert catch_up(d, new) > 0
+
+    shards = [LiveShard(d, new, s) for s in range(new.num_shards)]
+    holders = [s for s, sh in enumerate(shards) if sh.get(int(ids[x])) is not None]
+    assert len(holders) == 1 and shards[holders[0]].get(int(ids[x]))["uri"] == "x2"
+    assert holders[0] == CellRouting.open(d, new.template, new.cell_table, new.nprobe).shard_of_vector(moved_to)
+    assert all(sh.get(int(ids[y])) is None for sh in shards)
+    assert sum(sh.ntotal for sh in shards) == len(ids) - 1

@@ -10,8 +10,8 @@ CASES = {
     "rebalance": (["indexing", "rebalance", "--index-dir", "{tmp}/nothing", "--shards", "2"], "no index at"),
     "ann": (["evaluation", "ann", "--index-dir", "{tmp}/nothing"], "no index at"),
     "evaluate": (["evaluation", "run", "--labels", "{tmp}/labels.csv", "--leave-one-out"], "relative to --root"),
-    "train": (["embedding", "train", "--images", "{tmp}/nothing", "--out", "{tmp}/out"], "not a folder"),
-    "train-labels": (["embedding", "train", "--images", "{tmp}", "--labels", "{tmp}/missing.csv", "--out",
+    "train": (["training", "train", "--images", "{tmp}/nothing", "--out", "{tmp}/out"], "not a folder"),
+    "train-labels": (["training", "train", "--images", "{tmp}", "--labels", "{tmp}/missing.csv", "--out",
                       "{tmp}/out"], "missing.csv"),
 }
 
