@@ -120,7 +120,7 @@ def test_cell_placement_served_end_to_end(cells_service):
     gone = int(ids[6])
     assert c.delete(f"/images/{gone}", headers=AUTH).status_code == 200
     out = switch("cl", timeout_s=180, drain_s=3)
-    assert out["switched"] and out["writes_carried"] >= 4
+    assert out["switched"] and out["writes_carried"] >= 2  # 9 upserted, `gone` deleted; 11 came and went
     stats = c.get("/stats").json()
     assert stats["version"] == 2 and len(stats["shards"]) == 3 and stats["total"] == total
     assert c.get("/images/9").status_code == 200 and c.get("/images/11").status_code == 404
