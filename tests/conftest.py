@@ -185,3 +185,36 @@ def slow_upload(base_url: str, body: bytes):
     s.sendall(f"POST {url.path.rstrip('/')}/search/vector HTTP/1.1\r\nHost: {url.hostname}\r\n"
               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
     return s
+
+
+def side_apps(service: str, name: str, index_dir: str, ingress_replicas: int = 1):
+    """Deploy front `name` (route /name, write tokens on) and index application `name-index`
+    serving index_dir on the session's Serve, sized to fit beside the session's service; a
+    generator that yields the front's base URL and removes every application named `name...`
+    after (a switch's later index versions too). Used as the body of a module fixture."""
+    from deployments.__main__ import DEFAULT_SERVE_CONFIG, load_serve_config, wait_healthy
+    from deployments.switch import deploy_config, deployed_config, wait_gone, wait_running
+
+    front, index = load_serve_config(str(DEFAULT_SERVE_CONFIG), index_dir, None, None)["applications"]
+    front.update(name=name, route_prefix=f"/{name}")
+    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN], "near_duplicate_bits": None}}
+    index.update(name=f"{name}-index")
+    index["args"]["overrides"] = {"serve": {"shard_num_cpus": 0.05}}
+    for d in front["deployments"]:
+        d.setdefault("ray_actor_options", {})["num_cpus"] = 0.05
+        if d["name"] == "Embedder":
+            d["autoscaling_config"]["max_replicas"] = 1
+        if d["name"] == "Ingress":
+            d["user_config"]["index_app"] = f"{name}-index"
+            d["num_replicas"] = ingress_replicas
+    cfg = deployed_config()
+    cfg["applications"] += [front, index]
+    deploy_config(cfg)
+    wait_running(name, 180)
+    url = f"{service}/{name}"
+    assert wait_healthy(url, 60)
+    yield url
+    cfg = deployed_config()
+    cfg["applications"] = [a for a in cfg["applications"] if not a["name"].startswith(name)]
+    deploy_config(cfg)
+    wait_gone(name, 60)

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from configs.schema import load_config
-from deployments.__main__ import DEFAULT_SERVE_CONFIG, load_serve_config, wait_healthy
-from deployments.switch import deploy_config, deployed_config, switch, wait_gone, wait_running
+from deployments.switch import switch
 from indexing import storage
 from indexing.build import build_from_vectors
 from indexing.cells import CellRouting
@@ -15,7 +14,7 @@ from indexing.manifest import read_manifest
 from indexing.merge import merge_topk
 from indexing.rebalance import rebalance
 from indexing.shards import add_to_shard, read_index, search_shard
-from tests.conftest import WRITE_TOKEN
+from tests.conftest import WRITE_TOKEN, side_apps
 from tests.images import picture
 
 AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
@@ -30,28 +29,8 @@ def cells_service(ray_session, service, embedder, tmp_path_factory):
     x = embedder.embed_bytes([picture(10_000 + i) for i in range(PICTURES)]).astype(np.float32)
     ids = np.arange(len(x), dtype=np.int64) * 5 + 3
     build_from_vectors(x, ids, index_dir, load_config(None, {"index": {"placement": "cells"}}), 4, "IVF32,Flat")
-    front, index = load_serve_config(str(DEFAULT_SERVE_CONFIG), index_dir, None, None)["applications"]
-    front.update(name="cl", route_prefix="/cl")
-    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN], "near_duplicate_bits": None}}
-    index.update(name="cl-index")
-    index["args"]["overrides"] = {"serve": {"shard_num_cpus": 0.05}}
-    for d in front["deployments"]:
-        d.setdefault("ray_actor_options", {})["num_cpus"] = 0.05  # fits beside the session's service
-        if d["name"] == "Embedder":
-            d["autoscaling_config"]["max_replicas"] = 1
-        if d["name"] == "Ingress":
-            d["user_config"]["index_app"] = "cl-index"
-    cfg = deployed_config()
-    cfg["applications"] += [front, index]
-    deploy_config(cfg)
-    wait_running("cl", 180)
-    url = service + "/cl"
-    assert wait_healthy(url, 60)
-    yield url, index_dir, ids, x
-    cfg = deployed_config()
-    cfg["applications"] = [a for a in cfg["applications"] if not a["name"].startswith("cl")]
-    deploy_config(cfg)
-    wait_gone("cl", 60)
+    for url in side_apps(service, "cl", index_dir):
+        yield url, index_dir, ids, x
 
 
 def found(ids: np.ndarray) -> list[list[int]]:

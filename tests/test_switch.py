@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 from configs.schema import load_config
-from deployments.__main__ import DEFAULT_SERVE_CONFIG, load_serve_config, wait_healthy
-from deployments.switch import SwitchError, deploy_config, deployed_config, switch, wait_gone, wait_running
+from deployments.switch import SwitchError, deployed_config, switch
 from indexing.build import build_from_vectors
 from indexing.rebalance import rebalance
-from tests.conftest import WRITE_TOKEN
+from tests.conftest import WRITE_TOKEN, side_apps
 from tests.images import picture
 
 AUTH = {"authorization": f"Bearer {WRITE_TOKEN}", "content-type": "image/jpeg"}
@@ -29,31 +28,9 @@ def sw_service(ray_session, service, tmp_path_factory):
     x = np.random.default_rng(7).standard_normal((N, DIM)).astype("float32")
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     build_from_vectors(x, None, index_dir, load_config(None), shards=3, factory="Flat")
-    apps = load_serve_config(str(DEFAULT_SERVE_CONFIG), index_dir, None, None)["applications"]
-    front, index = apps
-    front.update(name="sw", route_prefix="/sw")
-    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN], "near_duplicate_bits": None}}
-    index.update(name="sw-index")
-    index["args"]["overrides"] = {"serve": {"shard_num_cpus": 0.05}}
-    for d in front["deployments"]:
-        d.setdefault("ray_actor_options", {})["num_cpus"] = 0.05  # fits beside the session's service
-        if d["name"] == "Embedder":
-            d["autoscaling_config"]["max_replicas"] = 1
-        if d["name"] == "Ingress":
-            d["user_config"]["index_app"] = "sw-index"
-            d["num_replicas"] = 2  # replicas hear of the switch at different times: the shards fence it
-    cfg = deployed_config()
-    cfg["applications"] += [front, index]
-    deploy_config(cfg)
-    wait_running("sw", 180)
-    url = service + "/sw"
-    assert wait_healthy(url, 60)
-    yield url, index_dir
-    cfg = deployed_config()
-    cfg["applications"] = [a for a in cfg["applications"] if not a["name"].startswith("sw")]
-    deploy_config(cfg)
-    wait_gone("sw", 60)
-
+    # Two Ingress replicas hear of the switch at different times: the shards fence it.
+    for url in side_apps(service, "sw", index_dir, ingress_replicas=2):
+        yield url, index_dir
 
 class Traffic:
     """Background searches and writes over HTTP, recording every answer."""
