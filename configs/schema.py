@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
@@ -37,6 +37,11 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is visible")
     fp16_on_cuda: bool = Field(True, description="run the model in half precision on CUDA")
     batch_size: PositiveInt = Field(32, description="images per forward pass")
+    index_views: list[tuple[Annotated[float, Field(gt=0, lt=1)], PositiveFloat]] = Field(
+        [(0.7, 0.5), (0.5, 0.5)],
+        description="centre crops added, with their weights, to the vector of an image being indexed, as "
+        "(fraction of the side, weight): a heavily cropped copy then finds its original; queries are embedded "
+        "whole. []: the whole image only (docs/quality.md)")
 
 
 class DecodeConfig(_Strict):
@@ -147,12 +152,12 @@ class ServeConfig(_Strict):
     read_tokens: list[str] = Field(default_factory=list, description="when set (or env IMSEARCH_READ_TOKENS), reads need one of these or a write token")
     compact_after_bytes: PositiveInt = Field(64 * 1024 * 1024, description="a shard snapshots and trims its log past this size")
     verify_top: int = Field(
-        20, ge=0, le=200, description="an image search with ?verify=true re-ranks its top N by geometric verification "
+        20, ge=0, le=200, description="a verified image search re-ranks its top N by geometric verification "
         "(local features + RANSAC): a heavily edited copy's original comes first; 0: verification unavailable")
     verify_default: bool = Field(
-        False, description="verify image searches that do not say ?verify= (off: crops of one photo can outrank it)")
+        True, description="verify image searches that do not say ?verify= (?verify=false turns it off per query)")
     verify_min_inliers: PositiveInt = Field(
-        12, description="RANSAC inliers that make a candidate a verified copy of the query")
+        8, description="distinct RANSAC inliers that make a candidate a verified copy of the query")
     verify_timeout_s: PositiveFloat = Field(
         1.0, description="time one query's verification may take; past it the unverified order is returned")
     verify_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="candidates' local features a Verifier replica keeps")

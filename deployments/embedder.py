@@ -43,22 +43,24 @@ class Embedder:
             self._embed_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _embed_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
-        self.metrics.batch.observe(len(pixels))
+    async def _embed_batch(self, items: list[tuple[np.ndarray, bool]]) -> list[np.ndarray]:
+        self.metrics.batch.observe(len(items))
+        pixels, for_index = np.stack([p for p, _ in items]), np.array([i for _, i in items])
         # The forward pass runs in a thread so the replica keeps accepting requests into the next batch.
-        vectors = await asyncio.to_thread(self.model.embed_pixels, np.stack(pixels))
+        vectors = await asyncio.to_thread(self.model.embed_pixels, pixels, for_index)
         return list(vectors)
 
     def _prepare(self, data: bytes) -> tuple[np.ndarray, int]:
         pixels = self.model.prepare(data)
         return pixels, perceptual_hash(pixels)
 
-    async def embed_image(self, data: bytes) -> dict:
+    async def embed_image(self, data: bytes, for_index: bool = False) -> dict:
         """{"vector": (D,) float32, "phash": int} or {"error": code, "message": text} for an
-        undecodable upload. The hash is taken from the pixels the model sees, as a build does."""
+        undecodable upload: a query's vector, or with `for_index` that of an image being written
+        (model.index_views). The hash is taken from the pixels the model sees, as a build does."""
         try:
             async with self.decodes:
                 pixels, phash = await asyncio.to_thread(self._prepare, data)
         except ImageDecodeError as e:
             return {"error": e.code, "message": str(e)}
-        return {"vector": await self._embed_batch(pixels), "phash": phash}
+        return {"vector": await self._embed_batch((pixels, for_index)), "phash": phash}

@@ -242,14 +242,15 @@ class Ingress:
         """Concurrent queries travel to each shard as one matrix (pipeline.run_batch)."""
         return await run_batch(queries)
 
-    async def _search(self, queries: np.ndarray, k: int, nprobe, exclude_sha256=None, dedupe=True):
+    async def _search(self, queries: np.ndarray, k: int, nprobe, query_sha256=None, exclude_query=False, dedupe=True):
         """Batch, fan out, merge, rank: (results per query, copies collapsed per query, partial,
-        id -> (uri, sha256 prefix, perceptual hash) of the hits)."""
+        id -> (uri, sha256 prefix, perceptual hash) of the hits). `query_sha256` (an image search's
+        own bytes) puts the indexed image first, or leaves it out with `exclude_query`."""
         if len(queries) * k > self.cfg.max_hits_per_request:
             raise ApiError(422, "too_much_work", f"{len(queries)} queries x k={k} asks for {len(queries) * k} "
                            f"results; the limit per request is {self.cfg.max_hits_per_request}")
         version = await self._index()
-        fetch = k * self.cfg.dedupe_fetch_factor if dedupe or exclude_sha256 else k
+        fetch = k * self.cfg.dedupe_fetch_factor if dedupe or exclude_query else k
         hits = await self._search_batch(Query(queries, fetch, nprobe, version.router))
         if isinstance(hits, Overloaded):
             raise overloaded("every shard")
@@ -258,17 +259,17 @@ class Ingress:
         if isinstance(hits, Exception):
             raise hits
         t0 = time.perf_counter()
-        results, collapsed = rank(hits, k, copy_bits=self.cfg.near_duplicate_bits, exclude_sha256=exclude_sha256,
-                                  dedupe=dedupe)
+        results, collapsed = rank(hits, k, copy_bits=self.cfg.near_duplicate_bits, query_sha256=query_sha256,
+                                  exclude_query=exclude_query, dedupe=dedupe)
         self.metrics.stage(MERGE_RANK, hits.merge_s + time.perf_counter() - t0)
         if hits.partial:
             self.metrics.partial.inc(1)
         return results, collapsed, hits.partial, hits.meta
 
-    async def _embed_upload(self, request: Request) -> tuple[np.ndarray, bytes, int]:
+    async def _embed_upload(self, request: Request, for_index: bool = False) -> tuple[np.ndarray, bytes, int]:
         data = await read_image(request, self.decode.max_bytes)
         t0 = time.perf_counter()
-        emb = await _bounded(lambda: self.embedder.embed_image.remote(data), self.cfg.embed_timeout_s,
+        emb = await _bounded(lambda: self.embedder.embed_image.remote(data, for_index), self.cfg.embed_timeout_s,
                              ApiError(503, "embedder_timeout", f"the image was not embedded within "
                                       f"{self.cfg.embed_timeout_s} s; retry shortly", headers={"Retry-After": "2"}))
         self.metrics.stage(DECODE_EMBED, time.perf_counter() - t0)
@@ -293,18 +294,23 @@ class Ingress:
         dedupe = parse_bool(q.get("dedupe"), True, "dedupe")
         verify = parse_bool(q.get("verify"), self.cfg.verify_default, "verify") and self.cfg.verify_top > 0
         vector, data, _ = await self._embed_upload(request)
-        own = sha_key(hashlib.sha256(data).hexdigest()) if exclude_self else None
+        own = sha_key(hashlib.sha256(data).hexdigest())
         depth = max(k, self.cfg.verify_top) if verify else k
-        results, collapsed, partial, meta = await self._search(vector[None, :], depth, nprobe, own, dedupe)
+        results, collapsed, partial, meta = await self._search(vector[None, :], depth, nprobe, own, exclude_self,
+                                                               dedupe)
         ranked, verified = results[0], False
         if verify and ranked:
-            ranked, verified = await self._verified(data, ranked, meta)
+            ranked, verified = await self._verified(data, own, ranked, meta)
         return JSONResponse({"results": ranked[:k], "collapsed": collapsed[0], "partial": partial,
                              "verified": verified, "took_ms": _ms(t0)})
 
-    async def _verified(self, data: bytes, ranked: list[dict], meta: dict) -> tuple[list[dict], bool]:
-        """The results with those the Verifier finds to be copies of the query first; the order
-        as it was (and False) when it does not answer within serve.verify_timeout_s."""
+    async def _verified(self, data: bytes, own: str, ranked: list[dict], meta: dict) -> tuple[list[dict], bool]:
+        """The results with those the Verifier finds to be copies of the query first, after the
+        query's own bytes where indexed (those need no verifying: an image with few keypoints
+        would not verify against itself); the order as it was (and False) when it does not
+        answer within serve.verify_timeout_s."""
+        exact = [h for h in ranked if h["id"] in meta and meta[h["id"]][1] == own]
+        ranked = [h for h in ranked if h["id"] not in meta or meta[h["id"]][1] != own]
         head = ranked[: self.cfg.verify_top]
         candidates = [{"id": h["id"], "uri": h["uri"], "sha64": meta[h["id"]][1]} for h in head if h["id"] in meta]
         roots = (await self._index()).info.get("sources", [])
@@ -315,15 +321,17 @@ class Ingress:
                                  self.cfg.verify_timeout_s)
         except (asyncio.TimeoutError, RayActorError, BackPressureError):
             LOG.warning("verification did not answer in time; unverified order returned")
-            return ranked, False
+            return exact + ranked, False
         self.metrics.stage(VERIFY, time.perf_counter() - t0)
-        return verified_first(ranked, found, self.cfg.verify_min_inliers), True
+        return exact + verified_first(ranked, found, self.cfg.verify_min_inliers), True
 
     async def embed(self, request: Request) -> Response:
-        """The query vector of an uploaded image, for clients that keep their own vectors."""
+        """The query vector of an uploaded image (?index=true: the vector an index holds for it),
+        for clients that keep their own vectors."""
         t0 = time.perf_counter()
         self._authorize_read(request)
-        vector, _, _ = await self._embed_upload(request)
+        for_index = parse_bool(request.query_params.get("index"), False, "index")
+        vector, _, _ = await self._embed_upload(request, for_index)
         return JSONResponse({"vector": vector, "dim": len(vector), "took_ms": _ms(t0)})
 
     async def search_vector(self, request: Request) -> Response:
@@ -339,7 +347,7 @@ class Ingress:
         k = parse_k(obj.get("k", q.get("k")), self.cfg.default_k, self.cfg.max_k)
         nprobe = self._nprobe(obj.get("nprobe", q.get("nprobe")))
         dedupe = parse_bool(obj.get("dedupe", q.get("dedupe")), True, "dedupe")
-        results, collapsed, partial, _ = await self._search(x, k, nprobe, None, dedupe)
+        results, collapsed, partial, _ = await self._search(x, k, nprobe, dedupe=dedupe)
         if not batched:
             results, collapsed = results[0], collapsed[0]
         return JSONResponse({"results": results, "collapsed": collapsed, "partial": partial, "took_ms": _ms(t0)})
@@ -403,7 +411,7 @@ class Ingress:
         self._authorize_write(request)
         uri = await self._writer_uri(request)
         rel = relative_to(uri, (await self._index()).info.get("sources", [])) if uri else None
-        vector, data, phash = await self._embed_upload(request)
+        vector, data, phash = await self._embed_upload(request, for_index=True)
         if rel not in (None, "."):
             return await self._upsert(id_from_path(rel), vector, uri, data, phash, id_from="path")
         return await self._upsert(id_from_bytes(data), vector, uri, data, phash, id_from="content")
@@ -421,7 +429,7 @@ class Ingress:
         self._authorize_write(request)
         if request.method == "PUT":
             uri = await self._writer_uri(request)
-            vector, data, phash = await self._embed_upload(request)
+            vector, data, phash = await self._embed_upload(request, for_index=True)
             return await self._upsert(id_, vector, uri, data, phash)
         if request.method == "DELETE":
             if not await self._write("delete", id_):

@@ -13,7 +13,9 @@ ERROR = {
 }
 HIT = {"type": "object", "required": ["id", "score", "uri"],
        "properties": {"id": {"type": "integer"}, "score": {"type": "number", "nullable": True}, "uri": {"type": "string"},
-                      "inliers": {"type": "integer", "description": "RANSAC inliers of a verified copy of the query"}}}
+                      "inliers": {"type": "integer", "description": "RANSAC inliers of a verified copy of the query"},
+                      "coverage": {"type": "number", "description": "share of the query's area its inliers span "
+                                   "(verified copies: the source of the query explains all of it)"}}}
 HITS = {"type": "array", "items": HIT}
 SEARCH = {"type": "object", "required": ["results", "collapsed", "partial", "took_ms"],
           "properties": {"results": {"oneOf": [HITS, {"type": "array", "items": HITS}]},
@@ -21,7 +23,7 @@ SEARCH = {"type": "object", "required": ["results", "collapsed", "partial", "too
                                        "description": "hits folded into a better result as copies of it"},
                          "partial": {"type": "boolean"}, "took_ms": {"type": "number"},
                          "verified": {"type": "boolean", "description": "image search: the top results were "
-                                      "checked by geometric verification (verified copies carry `inliers`)"}}}
+                                      "checked by geometric verification (verified copies carry `inliers` and `coverage`)"}}}
 IMAGE_META = {
     "type": "object", "required": ["id", "uri", "sha256", "private", "unsafe"],
     "properties": {"id": {"type": "integer"}, "uri": {"type": "string"}, "sha256": {"type": "string"},
@@ -89,9 +91,12 @@ def document() -> dict:
                 "responses": search}},
             "/embed": {"post": {
                 "summary": "The vector of an image", "security": BEARER + [{}], "requestBody": IMAGE_BODY,
+                "parameters": [_query("index", {"type": "boolean"}, "the vector the index holds for this image "
+                                      "(whole image plus model.index_views centre crops) instead of its query vector")],
                 "responses": {"200": _json({"type": "object", "required": ["vector", "dim", "took_ms"], "properties": {
                     "vector": {"type": "array", "items": {"type": "number"}}, "dim": {"type": "integer"},
-                    "took_ms": {"type": "number"}}}, "the query vector"), **_errors(*COMMON)}}},
+                    "took_ms": {"type": "number"}}}, "the query vector, or with ?index=true the index vector"),
+                    **_errors(*COMMON)}}},
             "/images": {"post": {
                 "summary": "Add an image under an id the service derives (from its path under an indexed folder, "
                            "else from its bytes)", "security": BEARER, "requestBody": IMAGE_BODY,

@@ -1,8 +1,8 @@
 """Verifier deployment: geometric verification of an image search's shortlist.
 
 The Ingress sends it the query's bytes and its top candidates; it matches local features of the
-query against each candidate's own image (embedding.local_features) and answers how many
-inliers each has. It runs on CPUs of its own (feature extraction is the costly part), keeps the
+query against each candidate's own image (embedding.local_features) and answers, for each, how
+many inliers one transform explains and how much of the query they cover. It runs on CPUs of its own (feature extraction is the costly part), keeps the
 candidates' features in memory, and stops at its time budget: candidates it did not reach are
 simply not verified."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ray import serve
 from configs.schema import DecodeConfig
 from embedding.decode import ImageDecodeError
 from deployments.cache import BytesLRU
-from embedding.local_features import Features, features_of, inliers
+from embedding.local_features import Features, features_of, match
 from indexing import storage
 from indexing.catalog import sha_key
 
@@ -44,19 +44,22 @@ class Verifier:
         return f
 
     def _verify(self, query: bytes, candidates: list[dict], roots: list[str], deadline: float) -> dict:
-        fq = features_of(query, max_bytes=self.decode.max_bytes, max_pixels=self.decode.max_pixels)
+        fq = features_of(query, max_bytes=self.decode.max_bytes, max_pixels=self.decode.max_pixels, query=True)
 
-        def one(c: dict) -> Optional[int]:
+        def one(c: dict) -> Optional[tuple[int, float]]:
             if time.monotonic() > deadline:
                 return None
             f = self._candidate(c, roots)
-            return None if f is None or time.monotonic() > deadline else inliers(fq, f)
+            if f is None or time.monotonic() > deadline:
+                return None
+            m = match(fq, f)
+            return m.inliers, m.coverage
 
         scores = list(self.pool.map(one, candidates))
         return {c["id"]: s for c, s in zip(candidates, scores) if s is not None}
 
     async def verify(self, query: bytes, candidates: list[dict], roots: list[str], budget_s: float) -> dict:
-        """{candidate id: inliers} for the candidates ({"id", "uri", "sha64"}) verified within
+        """{candidate id: (inliers, coverage)} for the candidates ({"id", "uri", "sha64"}) verified within
         `budget_s`, read only from under `roots`."""
         deadline = time.monotonic() + budget_s
         try:

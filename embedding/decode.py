@@ -105,3 +105,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def resize_rgb(img: Image.Image, size: int) -> np.ndarray:
     """Resize to size x size (whole frame, no crop, so crops of an image stay near it) as uint8 HxWx3."""
     return np.asarray(img.resize((size, size), Image.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
+
+
+def centre_crops(pixels: np.ndarray, fraction: float) -> np.ndarray:
+    """The centre `fraction` of each side of (N, S, S, 3) uint8 pixels, enlarged back to S x S."""
+    size = pixels.shape[1]
+    side = max(1, round(size * fraction))
+    lo = (size - side) // 2
+    return np.stack([np.asarray(Image.fromarray(p[lo : lo + side, lo : lo + side]).resize((size, size), Image.BILINEAR))
+                     for p in pixels])

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from configs.schema import DecodeConfig, ModelConfig
-from embedding.decode import decode_image, resize_rgb
+from embedding.decode import centre_crops, decode_image, resize_rgb
 from embedding.model import build_model, to_input
 
 LOG = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class Embedder:
         net = build_model(cfg).eval().to(self.device)
         self.net = net.half() if self.half else net
         with torch.inference_mode():
-            self.dim = int(self.embed_pixels(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8)).shape[1])
+            self.dim = int(self._forward(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8)).shape[1])
         LOG.info("embedder %s on %s (fp16=%s), dim %d", cfg.name, self.device, self.half, self.dim)
 
     def prepare(self, data: bytes) -> np.ndarray:
@@ -43,9 +43,23 @@ class Embedder:
                            draft=self.cfg.image_size)
         return resize_rgb(img, self.cfg.image_size)
 
+    def embed_pixels(self, pixels: np.ndarray, for_index: bool | np.ndarray = False) -> np.ndarray:
+        """Embed (N, S, S, 3) uint8 pixels; returns (N, D) float32, L2-normalised. Rows marked by
+        `for_index` (True: all; or a boolean mask) are images being indexed: their vector adds the
+        centre crops of `model.index_views`, so that a query showing only the middle of the
+        picture, as a heavily cropped copy does, still lands near it."""
+        vectors = self._forward(pixels)
+        rows = np.broadcast_to(np.asarray(for_index, bool), (len(pixels),))
+        if self.cfg.index_views and rows.any():
+            chosen = pixels[rows]
+            total = vectors[rows]
+            for fraction, weight in self.cfg.index_views:
+                total = total + weight * self._forward(centre_crops(chosen, fraction))
+            vectors[rows] = total / np.linalg.norm(total, axis=1, keepdims=True)
+        return vectors
+
     @torch.inference_mode()
-    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Embed (N, S, S, 3) uint8 pixels in batches of `model.batch_size`; returns (N, D) float32."""
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
         if pixels.ndim != 4 or pixels.shape[-1] != 3:
             raise ValueError(f"pixels must be (N, H, W, 3) uint8, got shape {pixels.shape}")
         out = []
@@ -55,10 +69,12 @@ class Embedder:
             out.append(self.net(x.half() if self.half else x).float().cpu().numpy())
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, 0), np.float32)
 
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Embed RGB PIL images."""
-        return self.embed_pixels(np.stack([resize_rgb(im.convert("RGB"), self.cfg.image_size) for im in images]))
+    def embed_images(self, images: Sequence[Image.Image], for_index: bool = False) -> np.ndarray:
+        """Embed RGB PIL images (as queries, or `for_index`)."""
+        return self.embed_pixels(np.stack([resize_rgb(im.convert("RGB"), self.cfg.image_size) for im in images]),
+                                 for_index)
 
-    def embed_bytes(self, blobs: Sequence[bytes]) -> np.ndarray:
-        """Decode and embed encoded images; raises ImageDecodeError on the first bad one."""
-        return self.embed_pixels(np.stack([self.prepare(b) for b in blobs]))
+    def embed_bytes(self, blobs: Sequence[bytes], for_index: bool = False) -> np.ndarray:
+        """Decode and embed encoded images (as queries, or `for_index`); raises ImageDecodeError on
+        the first bad one."""
+        return self.embed_pixels(np.stack([self.prepare(b) for b in blobs]), for_index)

@@ -24,6 +24,8 @@ def _cmd_run(args) -> int:
 
     if bool(args.labels) == bool(args.pairs):
         raise ValueError("give exactly one of --labels CSV (path,category) or --pairs CSV (query,relevant)")
+    if args.params and not args.url:
+        raise ValueError("--params are sent with --url searches; there is no service without --url")
     if args.labels and not args.leave_one_out:
         raise ValueError("category labels are evaluated leave-one-out: add --leave-one-out")
     root = args.root or os.path.dirname(os.path.abspath(args.labels or args.pairs))
@@ -32,8 +34,8 @@ def _cmd_run(args) -> int:
     judged = category_judgements(args.labels, args.queries) if args.labels else pair_judgements(args.pairs, args.database)
     cfg = load_config(args.config)
     if args.url:
-        search = service_searcher(root, args.url, args.token or os.environ.get("IMSEARCH_TOKEN"))
-        where = {"url": args.url}
+        search = service_searcher(root, args.url, args.token or os.environ.get("IMSEARCH_TOKEN"), args.params)
+        where = {"url": args.url, **({"params": args.params} if args.params else {})}
     else:
         import ray
 
@@ -160,6 +162,7 @@ def main(argv=None) -> int:
     r.add_argument("--k", type=int, default=10, help="cutoff of nDCG@k and P@k")
     r.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10])
     r.add_argument("--url", help="evaluate a running service instead of an in-process index")
+    r.add_argument("--params", default="", help="query-string parameters of each --url search, e.g. verify=false")
     r.add_argument("--token", help="bearer token for a service with read tokens (default: env IMSEARCH_TOKEN)")
     r.add_argument("--factory", help="index factory for the in-process index (default: the config's)")
     r.add_argument("--config", help="YAML config (model settings)")

@@ -47,7 +47,7 @@ def edited_copy(data: bytes, *, scale: float = 0.6, quality: int = 60, crop: flo
 
 def near_duplicate_recall(embedder, originals: list[bytes], **edit) -> float:
     """Rank-1 rate at which an edited copy's nearest original (exact cosine) is its own."""
-    x = embedder.embed_bytes(originals)
+    x = embedder.embed_bytes(originals, for_index=True)
     q = embedder.embed_bytes([edited_copy(d, **edit) for d in originals])
     return float((np.argmax(q @ x.T, axis=1) == np.arange(len(originals))).mean())
 
@@ -60,22 +60,23 @@ def verified_recall(embedder, gallery: list[bytes], queries: list[int], edit: di
                     min_inliers: int, decode) -> list[dict]:
     """Recall@1 and @10 of edited copies of `gallery[i]` for i in `queries`, searched by exact
     cosine over the whole gallery, then, for each N in `verify_top` (0: none), with the top N
-    re-ranked by geometric verification (embedding.local_features): candidates with at least
-    `min_inliers` inliers first, most inliers first. Also the cost: ms to extract one image's
+    re-ranked by geometric verification (embedding.local_features) in the service's order
+    (indexing.policy.verified_first). Also the cost: ms to extract one image's
     features and to verify one pair, so a query costs extract + N x verify with the candidates'
     features at hand, plus N x extract without."""
-    from embedding.local_features import features_of, inliers
+    from embedding.local_features import features_of, match
+    from indexing.policy import verified_first
 
-    x = embedder.embed_bytes(gallery)
+    x = embedder.embed_bytes(gallery, for_index=True)
     copies = [edited_copy(gallery[i], **edit) for i in queries]
     q = embedder.embed_bytes(copies)
     order = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, : max([10, *verify_top])]
     features: dict[int, object] = {}
     extract_s, pairs_s, pairs = [], 0.0, 0
 
-    def feats(data: bytes):
+    def feats(data: bytes, query: bool = False):
         t = time.perf_counter()
-        f = features_of(data, max_bytes=decode.max_bytes, max_pixels=decode.max_pixels)
+        f = features_of(data, max_bytes=decode.max_bytes, max_pixels=decode.max_pixels, query=query)
         extract_s.append(time.perf_counter() - t)
         return f
 
@@ -85,16 +86,17 @@ def verified_recall(embedder, gallery: list[bytes], queries: list[int], edit: di
         for qi, (target, copy) in enumerate(zip(queries, copies)):
             ranked = list(order[qi])
             if n:
-                fq = feats(copy)
+                fq = feats(copy, query=True)
                 head = ranked[:n]
                 for c in head:
                     if c not in features:
                         features[c] = feats(gallery[c])
                 t = time.perf_counter()
-                score = {c: inliers(fq, features[c]) for c in head}
+                found = {int(c): match(fq, features[c]) for c in head}
                 pairs_s, pairs = pairs_s + time.perf_counter() - t, pairs + len(head)
-                verified = sorted((c for c in head if score[c] >= min_inliers), key=lambda c: -score[c])
-                ranked = verified + [c for c in ranked if c not in verified]
+                ranked = [r["id"] for r in verified_first([{"id": int(c)} for c in ranked],
+                                                          {c: (m.inliers, m.coverage) for c, m in found.items()},
+                                                          min_inliers)]
             hits1 += ranked[0] == target
             hits10 += target in ranked[:10]
         rows.append({"verify_top": n, "recall@1": round(hits1 / len(queries), 4),

@@ -133,14 +133,17 @@ def in_process_searcher(
     for s in range(0, len(database), 64):
         blobs = read_images(root, database[s : s + 64])
         pixels = np.stack([emb.prepare(b) for b in blobs])
-        x[s : s + len(blobs)] = emb.embed_pixels(pixels)
+        x[s : s + len(blobs)] = emb.embed_pixels(pixels, for_index=True)
         for i, path, data, px in zip(ids[s:].tolist(), database[s:], blobs, pixels):
             meta[i] = (path, hashlib.sha256(data).hexdigest(), perceptual_hash(px))
     LOG.info("embedded %d database images in %.1f s", len(database), time.time() - t0)
     tmp = tempfile.mkdtemp(prefix="eval-index-")
     build_from_vectors(x, ids, tmp, cfg, shards, factory)
     ix = ShardedIndex.open(tmp)
-    cache = dict(zip(database, x))
+    # A query is embedded whole, as the service embeds an upload: an indexed image's own vector
+    # (with model.index_views) is not the vector its bytes get as a query.
+    cache = {} if cfg.model.index_views else dict(zip(database, x))
+    shas = {path: sha for path, sha, _ in meta.values()}
 
     def search(queries: Sequence[str], depth: int) -> list[list[str]]:
         missing = [q for q in queries if q not in cache]
@@ -148,15 +151,18 @@ def in_process_searcher(
             cache.update(zip(missing, embed_paths(emb, root, missing)))
         q = np.stack([cache[p] for p in queries])
         D, I = ix.search(q, min(depth * cfg.serve.dedupe_fetch_factor, ix.ntotal))
-        ranked, _ = rank_results(D, I, depth, meta, copy_bits=cfg.serve.near_duplicate_bits)
-        return [[r["uri"] for r in row] for row in ranked]
+        # As the service ranks an image search: the query's own bytes, where indexed, lead its copies.
+        return [[r["uri"] for r in rank_results(D[j : j + 1], I[j : j + 1], depth, meta,
+                                                copy_bits=cfg.serve.near_duplicate_bits,
+                                                query_sha256=shas.get(p))[0][0]]
+                for j, p in enumerate(queries)]
 
     return search, ix.manifest.factory
 
 
-def service_searcher(root: str, url: str, token: Optional[str] = None) -> Searcher:
-    """Send each query image to a running service (with a bearer token when it needs one); results
-    map back to paths through their uri."""
+def service_searcher(root: str, url: str, token: Optional[str] = None, params: str = "") -> Searcher:
+    """Send each query image to a running service (with a bearer token when it needs one, and the
+    query-string `params`, e.g. "verify=false"); results map back to paths through their uri."""
     import httpx
 
     root_abs = os.path.abspath(root)
@@ -169,7 +175,7 @@ def service_searcher(root: str, url: str, token: Optional[str] = None) -> Search
     def search(queries: Sequence[str], depth: int) -> list[list[str]]:
         out = []
         for data in read_images(root, queries):
-            r = client.post(f"/search?k={min(depth, 1000)}", content=data,
+            r = client.post(f"/search?k={min(depth, 1000)}" + (f"&{params}" if params else ""), content=data,
                             headers={"content-type": "application/octet-stream"})
             if r.status_code != 200:
                 raise ValueError(f"{url} answered {r.status_code} to a search: {r.text[:500]}")

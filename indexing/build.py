@@ -142,7 +142,7 @@ class EmbedBatch:
         ok = batch["error"] == ""
         emb = np.zeros((len(ok), self.embedder.dim), np.float32)
         if ok.any():
-            emb[ok] = self.embedder.embed_pixels(batch["pixels"][ok])
+            emb[ok] = self.embedder.embed_pixels(batch["pixels"][ok], for_index=True)
         cols = {k: batch[k] for k in ("id", "uri", "sha256", "phash", "width", "height", "error")}
         cols["shard"] = shard_of(batch["id"], self.slot_table)
         table = pa.table({k: pa.array(np.asarray(v)) for k, v in cols.items()})

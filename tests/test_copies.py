@@ -87,7 +87,9 @@ def _evaluate(tmp_path, trained, *extra) -> dict:
 
 def test_served_trained_model_gives_the_in_process_quality(trained, trained_service, tmp_path):
     local = _evaluate(tmp_path, trained, "--factory", "Flat")
-    served = _evaluate(tmp_path, trained, "--url", trained_service, "--token", READ_TOKEN)
+    # The in-process evaluation does not verify (verification lifts this corpus's served nDCG@10
+    # from 0.935 to 0.960: a quadrant's photo, verified, comes right after it).
+    served = _evaluate(tmp_path, trained, "--url", trained_service, "--token", READ_TOKEN, "--params", "verify=false")
     assert local["queries"] == served["queries"] > 50
     for metric in ("ndcg@10", "p@10", "map"):
         assert served[metric] == pytest.approx(local[metric], abs=0.01), (metric, local, served)
@@ -129,7 +131,8 @@ def test_exact_and_edited_copies_collapse_into_one_result(trained, trained_servi
                 r = c.post(f"/search?k=20{params}", content=original, headers=auth)
                 return [h["uri"].split("://", 1)[-1] for h in r.json()["results"]]
 
-            every, kept = search("&dedupe=false"), search("")
+            # Verification off: it lifts the photo's quadrants (crops of it), and this is about the collapse.
+            every, kept = search("&dedupe=false&verify=false"), search("&verify=false")
             assert group <= set(every)  # all five are near the query ...
             assert len(group & set(kept)) == 1  # ... and collapse into one result
             # what the collapse removes is the copies, nothing else

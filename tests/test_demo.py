@@ -35,8 +35,8 @@ def test_every_demo_file_has_its_own_bytes_and_pixels(demo_dir):
 def test_each_original_is_its_own_nearest_neighbour(demo_dir, embedder):
     """What the printed curl shows: an original's best hit is itself, ahead of its variants."""
     files = sorted(demo_dir.rglob("*.jpg"))
-    x = embedder.embed_bytes([p.read_bytes() for p in files])
-    scores = x @ x.T
+    blobs = [p.read_bytes() for p in files]
+    scores = embedder.embed_bytes(blobs) @ embedder.embed_bytes(blobs, for_index=True).T
     for i, p in enumerate(files):
         if p.name == "original.jpg":
             order = np.argsort(-scores[i])
