@@ -142,7 +142,8 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("verb", choices=["all", "search", "levers", "embedding", "indexing", "load", "memory", "chaos", "routing"])
+    p.add_argument("verb", choices=["all", "search", "levers", "embedding", "indexing", "load", "memory", "chaos", "routing",
+                                      "verify"])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--images", default=os.path.join(os.environ.get("DATA", os.path.join("..", "shared", "data")), "scene15"),
                    help="folder of real photos (default: $DATA/scene15, see docs/data.md)")
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=10, help="chaos: how long the faults go on")
     p.add_argument("--seed", type=int, default=0, help="chaos: seed of the load and of the order of the kills")
     p.add_argument("--replicas", type=int, default=2, help="chaos: replicas per shard (1: node loss gives partial answers)")
+    p.add_argument("--url", help="verify: the running service to measure, serving an index of --images")
     args = p.parse_args(argv)
     logs.setup(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -169,6 +171,16 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.images):
         print(f"error: --images {args.images} is not a folder of photos", file=sys.stderr)
         return 2
+    if args.verb == "verify":
+        if not args.url:
+            print("error: verify measures a running service: give --url (an index of --images)", file=sys.stderr)
+            return 2
+        from bench.verify import markdown, run_verify, write_report
+
+        report = run_verify(args.url, args.images, 30 if args.quick else 100)
+        write_report(report, args.out)
+        print(markdown(report))
+        return 0
     if args.verb == "routing":
         from bench.routing import markdown, run_routing, write_report
         from bench.vectors import real_embeddings, synthetic

@@ -60,7 +60,8 @@ def build_index(args: dict) -> serve.Application:
 def build_app(args: dict) -> serve.Application:
     """The HTTP front: embedder (with the model that built the current index) and ingress."""
     cfg, _, m = AppArgs.model_validate(args).load()
-    model_cfg = m.model or cfg.model.model_dump()
+    # An index built before model.index_views existed holds whole-image vectors: writes match them.
+    model_cfg = {"index_views": [], **m.model} if m.model else cfg.model.model_dump()
     embedder = Embedder.bind(model_cfg, cfg.decode.model_dump(), cfg.serve.max_batch_size,
                              cfg.serve.batch_wait_timeout_s, cfg.serve.embedder_threads, cfg.serve.max_concurrent_decodes)
     # Tokens are not constructor arguments (the dashboard shows those): each replica reads them

@@ -97,8 +97,9 @@ def _cmd_edits(args) -> int:
             rows.append({"edits": name, **r})
             cost = f", {r['ms_per_query_cached']} ms/query with candidate features at hand, " \
                    f"{r['ms_per_query_uncached']} ms without" if r["verify_top"] else ""
+            held = f" (original in the top {r['verify_top']}: {r['shortlist_recall']:.4f})" if r["verify_top"] else ""
             print(f"{name:5s} verify top {r['verify_top']:3d}: recall@1 {r['recall@1']:.4f}, "
-                  f"recall@10 {r['recall@10']:.4f}{cost}", flush=True)
+                  f"recall@10 {r['recall@10']:.4f}{held}{cost}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"images": len(originals), "queries": len(queries), "min_inliers": min_inliers,
