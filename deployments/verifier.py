@@ -2,9 +2,9 @@
 
 The Ingress sends it the query's bytes and its top candidates; it matches local features of the
 query against each candidate's own image (embedding.local_features) and answers, for each, how
-many inliers one transform explains and how much of the query they cover. It runs on CPUs of its own (feature extraction is the costly part), keeps the
-candidates' features in memory, and stops at its time budget: candidates it did not reach are
-simply not verified."""
+many inliers one transform explains and how much of the two pictures they cover. It runs on CPUs
+of its own (feature extraction is the costly part), keeps the candidates' features in memory, and
+stops at its time budget: candidates it did not reach are simply not verified."""
 from __future__ import annotations
 
 import asyncio

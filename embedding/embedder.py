@@ -60,6 +60,7 @@ class Embedder:
 
     @torch.inference_mode()
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        """The model's vectors of whole frames, in batches of `model.batch_size`."""
         if pixels.ndim != 4 or pixels.shape[-1] != 3:
             raise ValueError(f"pixels must be (N, H, W, 3) uint8, got shape {pixels.shape}")
         out = []

@@ -28,6 +28,13 @@ def distinct_images() -> dict[str, Image.Image]:
     return out
 
 
+def jpeg(img: Image.Image) -> bytes:
+    """A JPEG of img at the quality write_corpus uses."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
 def write_corpus(root: str) -> int:
     """Write distinct_images() as JPEGs under root; returns how many."""
     imgs = distinct_images()

@@ -61,9 +61,9 @@ def test_cell_placement_served_end_to_end(cells_service):
     routing = CellRouting.open(index_dir, m.template, m.cell_table, m.nprobe)
     assert sum(len(r) for r in routing.rows(queries, 4)) < 4 * len(queries)  # not every shard every query
 
-    # Upsert: a new image lands on its cell's shard, once; found by its own vector.
+    # Upsert: a new image lands on its cell's shard, once; found by its own (index) vector.
     def vector_of(seed: int) -> np.ndarray:
-        r = c.post("/embed", content=picture(seed), headers={"content-type": "image/jpeg"})
+        r = c.post("/embed?index=true", content=picture(seed), headers={"content-type": "image/jpeg"})
         return np.asarray(r.json()["vector"], np.float32)
 
     first = vector_of(1)

@@ -10,8 +10,7 @@ from configs.schema import ConfigError, ModelConfig, load_config
 from embedding.embedder import Embedder
 from evaluation.edits import HEAVY_EDITS, edited_copy
 from tests.conftest import WRITE_TOKEN
-from tests.images import distinct_images
-from tests.test_verify import jpeg
+from tests.images import distinct_images, jpeg
 
 
 @pytest.fixture(scope="module")

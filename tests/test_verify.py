@@ -9,15 +9,9 @@ from PIL import Image
 from embedding.local_features import features_of, match
 from evaluation.edits import HEAVY_EDITS, edited_copy
 from indexing.policy import verified_first
-from tests.images import TEXTURES, distinct_images
+from tests.images import TEXTURES, distinct_images, jpeg
 
 LIMITS = dict(max_bytes=20 * 1024 * 1024, max_pixels=40_000_000)
-
-
-def jpeg(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=92)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
