@@ -73,6 +73,11 @@ class Ledger:
         with self.lock:
             self.outcomes[(self.phase, kind, outcome)] += 1
 
+    def every_write_made(self) -> bool:
+        """An upsert, a delete and a private flag have each been acknowledged."""
+        with self.lock:
+            return bool(self.private_since) and {"upsert", "delete"} <= set(self.acked.values())
+
     def check_results(self, sent_at: float, results) -> None:
         """A search answer must not hold an image made private before the search was sent."""
         rows = results if results and isinstance(results[0], list) else [results]
@@ -281,7 +286,12 @@ def run_chaos(work: str, minutes: float, seed: int, replicas: int, port: int = 8
         ledger = Ledger()
         events = []
         with Load(url, ledger, dim, seed=seed) as load:
-            time.sleep(5)
+            # Faults start once every kind of write has been acknowledged, so the checks at the
+            # end always have deletes and private flags to check however slow the writes are.
+            t0 = time.time()
+            while time.time() - t0 < 5 or (not ledger.every_write_made() and time.time() - t0 < 180):
+                time.sleep(0.5)
+            report["warmup_s"] = round(time.time() - t0, 1)
             # 1. node loss: the node holding shard 0's first replica holds one replica of every shard.
             ledger.phase = "node_loss"
             victim = next(n for n in shard_nodes if n.node_id in placement["Shard000"])
