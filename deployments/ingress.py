@@ -34,7 +34,7 @@ from deployments.http import (
 from deployments import openapi, thumbnails
 from deployments.cache import BytesLRU
 from deployments.metrics import DECODE_EMBED, FANOUT, MERGE_RANK, VERIFY, IngressMetrics
-from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, rank, run_batch, within
+from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, once_more, rank, run_batch, within
 from indexing.catalog import sha_key
 from indexing.cells import CellRouting
 from indexing.ids import id_from_bytes, id_from_path
@@ -88,17 +88,10 @@ def overloaded(what: str) -> ApiError:
 
 
 async def _bounded(call, timeout_s: float, on_timeout: ApiError, *, keep_running: bool = False):
-    """`call()` (a handle call) bounded in time (pipeline.within), its failures turned into API
-    errors. A call that met a replica dying (its node lost, its process killed) is made once more
-    within the same deadline: Serve routes it to another replica. Every call made this way is safe
-    to repeat (reads, and writes, which are idempotent)."""
-    deadline = time.monotonic() + timeout_s
+    """`call()` (a handle call) bounded in time, made once more if a replica died under it
+    (pipeline.once_more), its failures turned into API errors."""
     try:
-        try:
-            return await within(call(), timeout_s, keep_running=keep_running)
-        except RayActorError:
-            LOG.warning("a replica died under a call; retrying it once")
-            return await within(call(), max(0.0, deadline - time.monotonic()), keep_running=keep_running)
+        return await once_more(call, timeout_s, lambda e: isinstance(e, RayActorError), keep_running=keep_running)
     except asyncio.TimeoutError:
         raise on_timeout from None
     except BackPressureError:

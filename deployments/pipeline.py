@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -96,18 +96,9 @@ class Router:
         return int(shard_of([id_], self.slot_table)[0])
 
     async def _call(self, search: ShardSearch, *args) -> dict:
-        """One shard's answer within the deadline. A call that failed fast (a replica that died
-        under it: its node lost, its process killed) is made once more in the time left, which
-        Serve routes to another replica; only a shard without a live replica is left out."""
-        deadline = time.monotonic() + self.timeout_s
-        try:
-            return await within(search(*args), self.timeout_s)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            raise
-        except Exception as e:
-            if self.is_overload(e) or deadline - time.monotonic() < 0.05:
-                raise
-            return await within(search(*args), deadline - time.monotonic())
+        """One shard's answer within the deadline, made once more if it failed fast other than by
+        overload (once_more); only a shard without a live replica is left out."""
+        return await once_more(lambda: search(*args), self.timeout_s, lambda e: not self.is_overload(e))
 
     async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int]) -> Hits:
         """Each shard asked searches its rows of the matrix once (all rows under hash placement,
@@ -158,6 +149,24 @@ async def within(response: Any, timeout_s: float, *, keep_running: bool = False)
         raise
 
 
+async def once_more(call: Callable[[], Any], timeout_s: float, retry: Callable[[BaseException], bool], *,
+                    keep_running: bool = False) -> Any:
+    """`call()` within timeout_s; if it failed fast with an error `retry` accepts (a replica that
+    died under it: its node lost, its process killed), made once more in the time left, which
+    Serve routes to another replica. The one retry rule of every handle call the service makes:
+    each is safe to repeat (searches and reads, and writes, which are idempotent)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        return await within(call(), timeout_s, keep_running=keep_running)
+    except (asyncio.TimeoutError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        if not retry(e) or deadline - time.monotonic() < 0.05:
+            raise
+        LOG.warning("a call failed fast (%s); made once more", type(e).__name__)
+        return await within(call(), deadline - time.monotonic(), keep_running=keep_running)
+
+
 def _group_key(q: Query) -> tuple:
     # k within a factor of two shares a search: asking a shard for a few more candidates costs
     # far less than a second call, and a much larger k would slow the small ones down.
@@ -191,8 +200,8 @@ async def run_batch(queries: list[Query]) -> list[Any]:
     return out
 
 
-def rank(hits: Hits, k: int, *, copy_bits: Optional[int], query_sha256: Optional[str] = None,
-         exclude_query: bool = False, dedupe: bool = True) -> tuple[list[list[dict]], list[int]]:
+def rank(hits: Hits, k: int, *, copy_bits: Optional[int],
+         query_sha256: Union[None, str, Sequence[Optional[str]]] = None, exclude_query: bool = False, dedupe: bool = True) -> tuple[list[list[dict]], list[int]]:
     """The ranking policy (indexing.policy) on merged hits: result dicts and collapsed copies per query."""
     return rank_results(hits.scores, hits.ids, k, hits.meta, copy_bits=copy_bits, query_sha256=query_sha256,
                         exclude_query=exclude_query, dedupe=dedupe)

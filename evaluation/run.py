@@ -152,10 +152,9 @@ def in_process_searcher(
         q = np.stack([cache[p] for p in queries])
         D, I = ix.search(q, min(depth * cfg.serve.dedupe_fetch_factor, ix.ntotal))
         # As the service ranks an image search: the query's own bytes, where indexed, lead its copies.
-        return [[r["uri"] for r in rank_results(D[j : j + 1], I[j : j + 1], depth, meta,
-                                                copy_bits=cfg.serve.near_duplicate_bits,
-                                                query_sha256=shas.get(p))[0][0]]
-                for j, p in enumerate(queries)]
+        rows, _ = rank_results(D, I, depth, meta, copy_bits=cfg.serve.near_duplicate_bits,
+                               query_sha256=[shas.get(p) for p in queries])
+        return [[r["uri"] for r in row] for row in rows]
 
     return search, ix.manifest.factory
 

@@ -9,7 +9,7 @@ user asked for (embedding/copies.py).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -18,14 +18,16 @@ from embedding.copies import hash_distance
 
 def rank_results(
     scores: np.ndarray, ids: np.ndarray, k: int, meta: dict, *, copy_bits: Optional[int] = None,
-    query_sha256: Optional[str] = None, exclude_query: bool = False, dedupe: bool = True,
+    query_sha256: Union[None, str, Sequence[Optional[str]]] = None, exclude_query: bool = False,
+    dedupe: bool = True,
 ) -> tuple[list[list[dict]], list[int]]:
     """Turn merged (n, k') hits into at most k result dicts per query, keeping merge order, and
     count per query the hits collapsed into a better one before the k-th result (why a query can
     get fewer than k results from a corpus with more than k images).
 
     `meta` maps id -> (uri, sha256 or its 64-bit prefix as shards send it, perceptual hash or
-    None); `query_sha256`, the query's own bytes, is in the same form. Drops padding (-1), hits
+    None); `query_sha256`, the query's own bytes, is in the same form (one for every row, or a
+    list of one per row). Drops padding (-1), hits
     whose sha256 repeats a better hit, and, with `copy_bits`, hits whose hash differs from a kept
     hit's in at most that many bits (keep the best). Hits with the query's own bytes are dropped
     with `exclude_query`, else they come first and lead their copies: an indexed image's vector
@@ -33,9 +35,10 @@ def rank_results(
     exact image. `dedupe=False` keeps duplicates: the exact merge order."""
     near = dedupe and copy_bits is not None
     out, collapsed = [], []
-    for row_s, row_i in zip(scores.tolist(), ids.tolist()):
-        if query_sha256 and dedupe and not exclude_query:
-            own = [meta.get(i, ("", "", None))[1] == query_sha256 for i in row_i]
+    shas = query_sha256 if isinstance(query_sha256, (list, tuple)) else [query_sha256] * len(scores)
+    for row_s, row_i, own_sha in zip(scores.tolist(), ids.tolist(), shas):
+        if own_sha and dedupe and not exclude_query:
+            own = [meta.get(i, ("", "", None))[1] == own_sha for i in row_i]
             order = sorted(range(len(row_i)), key=lambda j: not own[j])
             row_s, row_i = [row_s[j] for j in order], [row_i[j] for j in order]
         seen: set[str] = set()
@@ -45,7 +48,7 @@ def rank_results(
             if i < 0:
                 continue
             uri, sha, phash = meta.get(i, ("", "", None))
-            if exclude_query and sha and sha == query_sha256:
+            if exclude_query and sha and sha == own_sha:
                 continue
             if sha and dedupe and sha in seen:
                 folded += 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -187,20 +188,23 @@ def slow_upload(base_url: str, body: bytes):
     return s
 
 
-def side_apps(service: str, name: str, index_dir: str, ingress_replicas: int = 1):
-    """Deploy front `name` (route /name, write tokens on) and index application `name-index`
-    serving index_dir on the session's Serve, sized to fit beside the session's service; a
-    generator that yields the front's base URL and removes every application named `name...`
-    after (a switch's later index versions too). Used as the body of a module fixture."""
+def side_apps(service: str, name: str, index_dir: str, ingress_replicas: int = 1, config: Optional[str] = None,
+              front_overrides: Optional[dict] = None, timeout_s: float = 180):
+    """Deploy front `name` (route /name) and index application `name-index` serving index_dir
+    with `config` (default configs/default.yaml) on the session's Serve, sized to fit beside the
+    session's service; the front's serve overrides default to write tokens on and duplicates not
+    collapsed. A generator that yields the front's base URL and removes every application named
+    `name...` after (a switch's later index versions too). Used as the body of a module fixture."""
     from deployments.__main__ import DEFAULT_SERVE_CONFIG, load_serve_config, wait_healthy
     from deployments.switch import deploy_config, deployed_config, wait_gone, wait_running
 
-    front, index = load_serve_config(str(DEFAULT_SERVE_CONFIG), index_dir, None, None)["applications"]
+    front, index = load_serve_config(str(DEFAULT_SERVE_CONFIG), index_dir, config, None)["applications"]
     front.update(name=name, route_prefix=f"/{name}")
-    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN], "near_duplicate_bits": None}}
+    front["args"]["overrides"] = {"serve": front_overrides if front_overrides is not None else
+                                  {"write_tokens": [WRITE_TOKEN], "near_duplicate_bits": None}}
     index.update(name=f"{name}-index")
     index["args"]["overrides"] = {"serve": {"shard_num_cpus": 0.05}}
-    for d in front["deployments"]:
+    for d in front["deployments"] + index["deployments"]:
         d.setdefault("ray_actor_options", {})["num_cpus"] = 0.05
         if d["name"] == "Embedder":
             d["autoscaling_config"]["max_replicas"] = 1
@@ -210,9 +214,9 @@ def side_apps(service: str, name: str, index_dir: str, ingress_replicas: int = 1
     cfg = deployed_config()
     cfg["applications"] += [front, index]
     deploy_config(cfg)
-    wait_running(name, 180)
+    wait_running(name, timeout_s)
     url = f"{service}/{name}"
-    assert wait_healthy(url, 60)
+    assert wait_healthy(url, timeout_s / 2)
     yield url
     cfg = deployed_config()
     cfg["applications"] = [a for a in cfg["applications"] if not a["name"].startswith(name)]

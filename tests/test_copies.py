@@ -11,7 +11,7 @@ from PIL import Image
 from evaluation.__main__ import main as evaluation_main
 from evaluation.edits import edited_copy
 from indexing.__main__ import main as indexing_main
-from tests.conftest import WRITE_TOKEN
+from tests.conftest import WRITE_TOKEN, side_apps
 from tests.images import TEXTURES
 
 APP = "trained"
@@ -49,33 +49,10 @@ def trained(ray_session, corpus_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_service(service, trained, tmp_path_factory):
     """The trained index served beside the session's service: front `trained` at /trained."""
-    from deployments.__main__ import DEFAULT_SERVE_CONFIG, load_serve_config, wait_healthy
-    from deployments.switch import deploy_config, deployed_config, wait_gone, wait_running
-
-    front, index = load_serve_config(str(DEFAULT_SERVE_CONFIG), str(trained["index_dir"]), str(trained["config"]),
-                                     None)["applications"]
-    front.update(name=APP, route_prefix=f"/{APP}")
     tokens = tmp_path_factory.mktemp("secrets") / "tokens.yaml"  # read by the replica, never an argument
     tokens.write_text(yaml.safe_dump({"read_tokens": [READ_TOKEN]}))
-    front["args"]["overrides"] = {"serve": {"write_tokens": [WRITE_TOKEN], "tokens_file": str(tokens)}}
-    index.update(name=f"{APP}-index")
-    for d in front["deployments"] + index["deployments"]:
-        d.setdefault("ray_actor_options", {})["num_cpus"] = 0.05
-        if d["name"] == "Embedder":
-            d["autoscaling_config"]["max_replicas"] = 1
-        if d["name"] == "Ingress":
-            d["user_config"]["index_app"] = f"{APP}-index"
-    cfg = deployed_config()
-    cfg["applications"] += [index, front]
-    deploy_config(cfg)
-    wait_running(APP, 240)
-    url = f"{service}/{APP}"
-    assert wait_healthy(url, 120)
-    yield url
-    cfg = deployed_config()
-    cfg["applications"] = [a for a in cfg["applications"] if a["name"] not in (APP, f"{APP}-index")]
-    deploy_config(cfg)
-    wait_gone(APP, 60)
+    yield from side_apps(service, APP, str(trained["index_dir"]), config=str(trained["config"]), timeout_s=240,
+                         front_overrides={"write_tokens": [WRITE_TOKEN], "tokens_file": str(tokens)})
 
 
 def _evaluate(tmp_path, trained, *extra) -> dict:

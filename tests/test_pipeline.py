@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs.schema import load_config
-from deployments.pipeline import Hits, Query, Router, ShardsUnavailable, rank, run_batch
+from deployments.pipeline import Hits, Query, Router, ShardsUnavailable, once_more, rank, run_batch
 from indexing import ShardedIndex
 from indexing.build import build_from_vectors
 from indexing.live import LiveShard
@@ -92,6 +92,37 @@ def test_slow_shard_is_left_out_and_none_means_unavailable(built):
         asyncio.run(router.search(x[:3], 10, 8))
 
 
+def test_a_call_that_failed_fast_is_made_once_more():
+    tries: list[str] = []
+
+    def flaky(*errors):
+        async def call():
+            tries.append("call")
+            if len(tries) <= len(errors):
+                raise errors[len(tries) - 1]
+            return "answer"
+        return call
+
+    def died(e):
+        return isinstance(e, ConnectionError)  # stands for RayActorError: a replica died under it
+
+    assert asyncio.run(once_more(flaky(ConnectionError()), 5, died)) == "answer" and len(tries) == 2
+    tries.clear()
+    with pytest.raises(ConnectionError):  # once more, not forever
+        asyncio.run(once_more(flaky(ConnectionError(), ConnectionError()), 5, died))
+    assert len(tries) == 2
+    tries.clear()
+    with pytest.raises(ValueError):  # an error the rule does not accept is not repeated
+        asyncio.run(once_more(flaky(ValueError()), 5, died))
+    assert len(tries) == 1
+
+    async def slow():
+        await asyncio.sleep(5)
+
+    with pytest.raises(asyncio.TimeoutError):  # slowness is not repeated: the deadline is spent
+        asyncio.run(once_more(slow, 0.2, lambda e: True))
+
+
 def test_rank_collapses_copies_by_hash_and_keeps_order():
     h = -0x0F0F_0F0F_0F0F_0F0F  # negative: the int64 a hash with its top bit set is stored as
     meta = {1: ("a", "s1", h), 2: ("b", "s2", h ^ 0b111), 3: ("c", "s1", None), 4: ("d", "s4", h ^ 0xFFFF),
@@ -116,3 +147,7 @@ def test_rank_collapses_copies_by_hash_and_keeps_order():
     assert ids(3, copy_bits=2, query_sha256="s4") == ([4, 1, 2], 0)
     assert ids(3, copy_bits=2, query_sha256="s4", dedupe=False) == ([1, 2, 3], 0)  # exact merge order
     assert ids(2, copy_bits=12) == ([1, 4], 2)  # only hits passed over before the k-th result count
+    # A batch of image searches: one own sha per row.
+    two = Hits(np.repeat(hits.scores, 2, axis=0), np.repeat(hits.ids, 2, axis=0), meta, False)
+    rows, _ = rank(two, 2, copy_bits=2, query_sha256=["s4", "s5"])
+    assert [[r["id"] for r in row] for row in rows] == [[4, 1], [5, 1]]
