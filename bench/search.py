@@ -231,6 +231,7 @@ def bench_search(vs: VectorSet, workdir: str, url_for: Callable[[str], str], sha
         except Exception as e:  # a peer that fails to build is reported, not fatal
             LOG.warning("%s failed: %s", name, e)
             rows.append({"dataset": vs.name, "n": len(vs.base), "engine": name, "error": str(e)[:200]})
+            shutil.rmtree(peer_dir, ignore_errors=True)
             continue
         note = {"milvus-lite": f"IVF_FLAT nlist={nlist}", "qdrant-local": "exact (local mode)",
                 "lancedb-ivfpq": f"IVF_PQ {nlist},PQ{max(1, vs.dim // 4)} refine 10"}[name]

@@ -112,10 +112,10 @@ def score(judged: Judgements, ranked: list[list[str]], k: int, recall_ks: Sequen
 def in_process_searcher(
     root: str, database: list[str], cfg: AppConfig, factory: Optional[str], shards: int = 1
 ) -> tuple[Searcher, str]:
-    """Embed the database, index it with the project's build (a temporary index dir), search it
-    through ShardedIndex and rank the hits with the service's policy (copies collapse:
-    `serve.near_duplicate_bits`), so the numbers are what the service would return. Returns the
-    searcher and the factory the build chose."""
+    """Embed the database, index it with the project's build (a temporary index dir, removed once
+    loaded), search it through ShardedIndex and rank the hits with the service's policy (copies
+    collapse: `serve.near_duplicate_bits`), so the numbers are what the service would return.
+    Returns the searcher and the factory the build chose."""
     import hashlib
 
     from embedding.copies import perceptual_hash
@@ -137,9 +137,10 @@ def in_process_searcher(
         for i, path, data, px in zip(ids[s:].tolist(), database[s:], blobs, pixels):
             meta[i] = (path, hashlib.sha256(data).hexdigest(), perceptual_hash(px))
     LOG.info("embedded %d database images in %.1f s", len(database), time.time() - t0)
-    tmp = tempfile.mkdtemp(prefix="eval-index-")
-    build_from_vectors(x, ids, tmp, cfg, shards, factory)
-    ix = ShardedIndex.open(tmp)
+    with tempfile.TemporaryDirectory(prefix="eval-index-") as tmp:
+        # Built by the service's own build, then held in memory: its files are not needed after.
+        build_from_vectors(x, ids, tmp, cfg, shards, factory)
+        ix = ShardedIndex.open(tmp)
     # A query is embedded whole, as the service embeds an upload: an indexed image's own vector
     # (with model.index_views) is not the vector its bytes get as a query.
     cache = {} if cfg.model.index_views else dict(zip(database, x))

@@ -20,6 +20,8 @@ def ray_session():
     environment.apply(local=True)
     # Metrics reach the node's Prometheus endpoint every 10 s by default; tests scrape sooner.
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+    # Ray Train's controller takes each epoch's report on its 2 s poll; the tests' epochs last 0.1 s.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray

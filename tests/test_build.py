@@ -42,9 +42,13 @@ def test_vectors_bad_input_is_a_cli_error(ray_session, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def image_index(ray_session, corpus_dir, tmp_path_factory):
+    """The test corpus built into 3 shards; one forward pass per image (no index views: this module
+    is about the build's bookkeeping, tests/test_index_views.py about the views)."""
     root, n_good = corpus_dir
     out = tmp_path_factory.mktemp("imgindex")
-    assert indexing_main(["build", "--images", str(root), "--index-dir", str(out / "a"), "--shards", "3"]) == 0
+    (out / "whole.yaml").write_text("model:\n  index_views: []\n")
+    assert indexing_main(["build", "--images", str(root), "--index-dir", str(out / "a"), "--shards", "3",
+                          "--config", str(out / "whole.yaml")]) == 0
     return root, n_good, out
 
 
@@ -68,7 +72,8 @@ def test_images_build_skips_corrupt_files(image_index):
 
 def test_rebuild_gives_the_same_ids(image_index, capsys):
     root, n_good, out = image_index
-    assert indexing_main(["build", "--images", str(root), "--index-dir", str(out / "b"), "--shards", "2"]) == 0
+    assert indexing_main(["build", "--images", str(root), "--index-dir", str(out / "b"), "--shards", "2",
+                          "--config", str(out / "whole.yaml")]) == 0
     # Output to a file or pipe: plain progress lines (no carriage returns) ending in one summary.
     err, listed = capsys.readouterr().err, n_good + 2
     assert f"embedding: {listed}/{listed} images in " in err and "filling shards: 2/2 shards in " in err

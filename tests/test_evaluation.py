@@ -1,5 +1,6 @@
 """The evaluation job on generated data: in-process, against the service, and the ANN sweep."""
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -27,10 +28,18 @@ def labelled(corpus_dir):
     return root, paths
 
 
-def test_run_leave_one_out_in_process(ray_session, labelled, tmp_path):
+def test_run_leave_one_out_in_process(ray_session, labelled, tmp_path, monkeypatch):
     root, paths = labelled
     out = tmp_path / "m.json"
-    assert evaluation_main(["run", "--labels", str(root / "labels.csv"), "--leave-one-out", "--out", str(out)]) == 0
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    # Whole-image vectors (no index views): one forward pass per image, the metrics' bookkeeping is the subject.
+    whole = tmp_path / "whole.yaml"
+    whole.write_text("model:\n  index_views: []\n")
+    assert evaluation_main(["run", "--labels", str(root / "labels.csv"), "--leave-one-out", "--out", str(out),
+                            "--config", str(whole)]) == 0
+    assert list(scratch.iterdir()) == []  # the temporary index it searched is gone
     m = json.loads(out.read_text())
     assert m["queries"] == len([p for p in paths if not p.split("/")[0] in _textures()])
     for key in ("ndcg@10", "p@10", "map", "mrr", "recall@1"):
