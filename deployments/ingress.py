@@ -261,10 +261,6 @@ class Ingress:
 
     async def _embed_upload(self, request: Request, for_index: bool = False) -> tuple[np.ndarray, bytes, int]:
         data = await read_image(request, self.decode.max_bytes)
-        vector, phash = await self._embed(data, for_index)
-        return vector, data, phash
-
-    async def _embed(self, data: bytes, for_index: bool = False) -> tuple[np.ndarray, int]:
         t0 = time.perf_counter()
         emb = await _bounded(lambda: self.embedder.embed_image.remote(data, for_index), self.cfg.embed_timeout_s,
                              ApiError(503, "embedder_timeout", f"the image was not embedded within "
@@ -276,7 +272,7 @@ class Ingress:
         if len(emb["vector"]) != dim:
             raise ApiError(503, "model_mismatch", f"the embedder gives dimension {len(emb['vector'])}, "
                            f"the index holds {dim}: this index only answers /search/vector")
-        return emb["vector"], emb["phash"]
+        return emb["vector"], data, emb["phash"]
 
     def _nprobe(self, raw) -> Optional[int]:
         return parse_nprobe(raw, self.cfg.max_nprobe)
@@ -290,49 +286,32 @@ class Ingress:
         exclude_self = parse_bool(q.get("exclude_self"), self.cfg.exclude_query_image, "exclude_self")
         dedupe = parse_bool(q.get("dedupe"), True, "dedupe")
         verify = parse_bool(q.get("verify"), self.cfg.verify_default, "verify") and self.cfg.verify_top > 0
-        data = await read_image(request, self.decode.max_bytes)
-        # The query's local features are extracted by the Verifier while the image is embedded
-        # and searched: verification then costs only the matching.
-        features = self.verifier.features.remote(data) if verify else None
-        try:
-            vector, _ = await self._embed(data)
-            own = sha_key(hashlib.sha256(data).hexdigest())
-            depth = max(k, self.cfg.verify_top) if verify else k
-            results, collapsed, partial, meta = await self._search(vector[None, :], depth, nprobe, own, exclude_self,
-                                                                   dedupe)
-        except BaseException:
-            if features is not None:
-                features.cancel()
-            raise
+        vector, data, _ = await self._embed_upload(request)
+        own = sha_key(hashlib.sha256(data).hexdigest())
+        depth = max(k, self.cfg.verify_top) if verify else k
+        results, collapsed, partial, meta = await self._search(vector[None, :], depth, nprobe, own, exclude_self,
+                                                               dedupe)
         ranked, verified = results[0], False
-        if features is not None:
-            ranked, verified = await self._verified(features, own, ranked, meta)
+        if verify and ranked:
+            ranked, verified = await self._verified(data, own, ranked, meta)
         return JSONResponse({"results": ranked[:k], "collapsed": collapsed[0], "partial": partial,
                              "verified": verified, "took_ms": _ms(t0)})
 
-    async def _verified(self, features, own: str, ranked: list[dict], meta: dict) -> tuple[list[dict], bool]:
-        """The results with those the Verifier finds to be copies of the query (its local
-        `features`, a Verifier response under way) first, after the query's own bytes where
-        indexed (those need no verifying: an image with few keypoints would not verify against
-        itself); the order as it was (and False) when it does not answer within
-        serve.verify_timeout_s."""
+    async def _verified(self, data: bytes, own: str, ranked: list[dict], meta: dict) -> tuple[list[dict], bool]:
+        """The results with those the Verifier finds to be copies of the query first, after the
+        query's own bytes where indexed (those need no verifying: an image with few keypoints
+        would not verify against itself); the order as it was (and False) when it does not
+        answer within serve.verify_timeout_s."""
         exact = [h for h in ranked if h["id"] in meta and meta[h["id"]][1] == own]
         ranked = [h for h in ranked if h["id"] not in meta or meta[h["id"]][1] != own]
         head = ranked[: self.cfg.verify_top]
         candidates = [{"id": h["id"], "uri": h["uri"], "sha64": meta[h["id"]][1]} for h in head if h["id"] in meta]
-        if not candidates:
-            features.cancel()
-            return exact + ranked, False
         roots = (await self._index()).info.get("sources", [])
         t0 = time.perf_counter()
-        deadline = time.monotonic() + self.cfg.verify_timeout_s
         try:
-            query = await within(features, self.cfg.verify_timeout_s)
-            if query is None:  # OpenCV could not read what the embedder could
-                return exact + ranked, False
-            left = deadline - time.monotonic()
             # The Verifier stops itself a little before the deadline, so its partial answer arrives.
-            found = await within(self.verifier.verify.remote(query, candidates, roots, left * 0.8), left)
+            found = await within(self.verifier.verify.remote(data, candidates, roots, self.cfg.verify_timeout_s * 0.8),
+                                 self.cfg.verify_timeout_s)
         except (asyncio.TimeoutError, RayActorError, BackPressureError):
             LOG.warning("verification did not answer in time; unverified order returned")
             return exact + ranked, False

@@ -1,12 +1,10 @@
 """Verifier deployment: geometric verification of an image search's shortlist.
 
-The Ingress sends it the query's bytes as soon as it has them (`features`: extracted while the
-image is embedded and searched), then those features and the top candidates (`verify`). It
-matches the query's local features against each candidate's own image (embedding.local_features)
-and answers, for each, how many inliers one transform explains and how much of the two pictures
-they cover. It runs on CPUs of its own (feature extraction is the costly part), keeps the
-candidates' features in memory, and stops at its time budget: candidates it did not reach are
-simply not verified."""
+The Ingress sends it the query's bytes and its top candidates; it matches local features of the
+query against each candidate's own image (embedding.local_features) and answers, for each, how
+many inliers one transform explains and how much of the two pictures they cover. It runs on CPUs
+of its own (feature extraction is the costly part), keeps the candidates' features in memory, and
+stops at its time budget: candidates it did not reach are simply not verified."""
 from __future__ import annotations
 
 import asyncio
@@ -45,7 +43,9 @@ class Verifier:
             self.cache.put(key, f)
         return f
 
-    def _verify(self, fq: Features, candidates: list[dict], roots: list[str], deadline: float) -> dict:
+    def _verify(self, query: bytes, candidates: list[dict], roots: list[str], deadline: float) -> dict:
+        fq = features_of(query, max_bytes=self.decode.max_bytes, max_pixels=self.decode.max_pixels, query=True)
+
         def one(c: dict) -> Optional[tuple[int, float]]:
             if time.monotonic() > deadline:
                 return None
@@ -58,17 +58,12 @@ class Verifier:
         scores = list(self.pool.map(one, candidates))
         return {c["id"]: s for c, s in zip(candidates, scores) if s is not None}
 
-    async def features(self, query: bytes) -> Optional[Features]:
-        """The query's local features (None for bytes OpenCV cannot read). Asked as soon as an
-        image search has its upload, so extraction runs while the Ingress embeds and searches."""
-        try:
-            return await asyncio.to_thread(features_of, query, max_bytes=self.decode.max_bytes,
-                                           max_pixels=self.decode.max_pixels, query=True)
-        except ImageDecodeError:
-            return None
-
-    async def verify(self, query: Features, candidates: list[dict], roots: list[str], budget_s: float) -> dict:
-        """{candidate id: (inliers, coverage)} for the candidates ({"id", "uri", "sha64"}) verified
-        against the query's `features` within `budget_s`, read only from under `roots`."""
+    async def verify(self, query: bytes, candidates: list[dict], roots: list[str], budget_s: float) -> dict:
+        """{candidate id: (inliers, coverage)} for the candidates ({"id", "uri", "sha64"}) verified within
+        `budget_s`, read only from under `roots`."""
         deadline = time.monotonic() + budget_s
-        return await asyncio.to_thread(self._verify, query, candidates, roots, deadline)
+        try:
+            return await asyncio.to_thread(self._verify, query, candidates, roots, deadline)
+        except ImageDecodeError:
+            return {}
+
