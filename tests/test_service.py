@@ -71,7 +71,8 @@ def test_edited_uploads_find_the_original(client, catalog, edit):
     hits = 0
     for uri, id_ in zip(catalog["uri"], catalog["id"]):
         data = edited_copy(open(uri, "rb").read(), **edit)
-        r = client.post("/search?k=1", content=data, headers={"content-type": "image/jpeg"})
+        # The nearest vector alone finds these (verification re-ranking is tests/test_verify.py's).
+        r = client.post("/search?k=1&verify=false", content=data, headers={"content-type": "image/jpeg"})
         assert r.status_code == 200
         hits += r.json()["results"][0]["id"] == id_
     assert hits / len(catalog["id"]) >= 0.95, f"rank-1 {hits}/{len(catalog['id'])}"
