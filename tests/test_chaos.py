@@ -40,7 +40,7 @@ def nothing_lost(report: dict) -> None:
 
 
 def test_two_replicas_on_distinct_nodes_survive_node_loss_redeploy_and_kills(tmp_path):
-    r = chaos(tmp_path, minutes=1, replicas=2)
+    r = chaos(tmp_path, minutes=0.5, replicas=2)
     assert r["replicas_on_distinct_nodes"], r["placement"]
     # Losing a node that holds one replica of every shard, and a rolling redeploy: no search
     # fails, none comes back partial.
