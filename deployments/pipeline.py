@@ -201,7 +201,8 @@ async def run_batch(queries: list[Query]) -> list[Any]:
 
 
 def rank(hits: Hits, k: int, *, copy_bits: Optional[int],
-         query_sha256: Union[None, str, Sequence[Optional[str]]] = None, exclude_query: bool = False, dedupe: bool = True) -> tuple[list[list[dict]], list[int]]:
+         query_sha256: Union[None, str, Sequence[Optional[str]]] = None, exclude_query: bool = False,
+         dedupe: bool = True) -> tuple[list[list[dict]], list[int]]:
     """The ranking policy (indexing.policy) on merged hits: result dicts and collapsed copies per query."""
     return rank_results(hits.scores, hits.ids, k, hits.meta, copy_bits=copy_bits, query_sha256=query_sha256,
                         exclude_query=exclude_query, dedupe=dedupe)

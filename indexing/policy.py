@@ -27,9 +27,9 @@ def rank_results(
 
     `meta` maps id -> (uri, sha256 or its 64-bit prefix as shards send it, perceptual hash or
     None); `query_sha256`, the query's own bytes, is in the same form (one for every row, or a
-    list of one per row). Drops padding (-1), hits
-    whose sha256 repeats a better hit, and, with `copy_bits`, hits whose hash differs from a kept
-    hit's in at most that many bits (keep the best). Hits with the query's own bytes are dropped
+    list of one per row). Drops padding (-1), hits whose sha256 repeats a better hit, and, with
+    `copy_bits`, hits whose hash differs from a kept hit's in at most that many bits (keep the
+    best). Hits with the query's own bytes are dropped
     with `exclude_query`, else they come first and lead their copies: an indexed image's vector
     adds its centre crops (model.index_views), so a recompressed copy can score a hair above the
     exact image. `dedupe=False` keeps duplicates: the exact merge order."""
