@@ -31,6 +31,7 @@ demo-index: $(STAMP)
 	$(PY) -m indexing demo-images --out $(DEMO_IMAGES)
 	$(PY) -m indexing build --images $(DEMO_IMAGES) --index-dir $(INDEX_DIR) --shards 2
 
+# The default suite (what a contributor runs); test-all adds the `slow` soak and multi-node drills (CI).
 test: $(STAMP)
 	$(PY) -m pytest
 

@@ -199,7 +199,7 @@ class TrainConfig(_Strict):
     head_init: Literal["random", "pca"] = Field(
         "random", description="pca: a linear head (hidden_dim 0) on a frozen backbone starts as the projection on the "
         "top principal directions of the training features, so training starts from the pretrained model's geometry")
-    unfreeze_last: int = Field(0, ge=0, description="backbone layers (weight-holding modules, from the end) to train; 0 = frozen")
+    unfreeze_last: int = Field(0, ge=0, description="backbone layers (weight-holding modules its forward runs, from the end) to train; 0 = frozen")
     bank_views: PositiveInt = Field(6, description="frozen backbone: augmented views per image embedded once and reused every epoch")
     crop_scale_min: float = Field(0.25, gt=0, le=1, description="smallest random-resized-crop area fraction")
     hue_jitter: float = Field(0.1, ge=0, le=0.5, description="largest random hue shift of a view (fraction of the colour wheel)")

@@ -377,11 +377,13 @@ class _CpuAlarmFilter(logging.Filter):
         return "does not have any available CPUs" not in record.getMessage()
 
 
-def fit_to_free_cpus(b: BuildConfig, use_gpu: bool, wait_s: float = 30.0) -> BuildConfig:
+def fit_to_free_cpus(b: BuildConfig, use_gpu: bool, wait_s: float = 30.0, settle_s: float = 3.0) -> BuildConfig:
     """The build's CPU reservations, scaled down when the cluster has fewer CPUs free than one
     embedding actor plus one decode task need (a service holding part of a small machine): the
     actor pool would wait for CPUs that never free up, and the build would hang without a word.
-    Waits up to `wait_s` first for CPUs that are about to free up."""
+    Waits first, up to `wait_s`, for CPUs that are freeing up (the actors of a job that just
+    ended), but no longer than `settle_s` once the free count stops growing: a service's
+    reservations do not go away by waiting."""
     import ray
 
     ray_data_log = logging.getLogger("ray.data.dataset")
@@ -389,9 +391,13 @@ def fit_to_free_cpus(b: BuildConfig, use_gpu: bool, wait_s: float = 30.0) -> Bui
         ray_data_log.addFilter(_CpuAlarmFilter())
     need = (0 if use_gpu else b.actor_num_cpus * b.min_actors) + b.decode_num_cpus
     free, deadline = ray.available_resources().get("CPU", 0.0), time.time() + wait_s
-    while free < need and time.time() < deadline:  # actors of a job that just ended are still going
-        time.sleep(1)
-        free = ray.available_resources().get("CPU", 0.0)
+    settled = time.time() + settle_s
+    while free < need and time.time() < min(deadline, settled):
+        time.sleep(0.5)
+        now = ray.available_resources().get("CPU", 0.0)
+        if now > free:
+            settled = time.time() + settle_s
+        free = now
     if free >= need:
         return b
     if free < 0.1:

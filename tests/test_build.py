@@ -41,22 +41,17 @@ def test_vectors_bad_input_is_a_cli_error(ray_session, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def image_index(ray_session, corpus_dir, tmp_path_factory):
-    """The test corpus built into 3 shards; one forward pass per image (no index views: this module
-    is about the build's bookkeeping, tests/test_index_views.py about the views)."""
+def image_index(corpus_dir, image_index_dir):
+    """The test corpus built into 3 shards: the session's index (tests/conftest.py), read only."""
     root, n_good = corpus_dir
-    out = tmp_path_factory.mktemp("imgindex")
-    (out / "whole.yaml").write_text("model:\n  index_views: []\n")
-    assert indexing_main(["build", "--images", str(root), "--index-dir", str(out / "a"), "--shards", "3",
-                          "--config", str(out / "whole.yaml")]) == 0
-    return root, n_good, out
+    return root, n_good, image_index_dir
 
 
 def test_images_build_skips_corrupt_files(image_index):
-    root, n_good, out = image_index
-    ix = ShardedIndex.open(str(out / "a"))
+    root, n_good, index_dir = image_index
+    ix = ShardedIndex.open(str(index_dir))
     assert ix.manifest.total == ix.ntotal == n_good
-    failed = [json.loads(l) for l in (out / "a" / "failed.jsonl").read_text().splitlines()]
+    failed = [json.loads(l) for l in (index_dir / "failed.jsonl").read_text().splitlines()]
     assert sorted(f["uri"].rsplit("/", 1)[1] for f in failed) == ["not-an-image.jpg", "truncated.jpg"]
     assert all(f["error"] for f in failed)
     # Every id lives in exactly one shard, the one its slot names.
@@ -65,28 +60,32 @@ def test_images_build_skips_corrupt_files(image_index):
     assert len(all_ids) == len(np.unique(all_ids)) == n_good
     for s, got in enumerate(per_shard):
         assert (shard_of(got, ix.manifest.slot_table) == s).all()
-    cat = pq.read_table(out / "a" / "catalog.parquet")
+    cat = pq.read_table(index_dir / "catalog.parquet")
     assert set(cat.column("id").to_pylist()) == set(all_ids.tolist())
     assert all(len(h) == 64 for h in cat.column("sha256").to_pylist())
 
 
-def test_rebuild_gives_the_same_ids(image_index, capsys):
-    root, n_good, out = image_index
-    assert indexing_main(["build", "--images", str(root), "--index-dir", str(out / "b"), "--shards", "2",
-                          "--config", str(out / "whole.yaml")]) == 0
+def test_rebuild_gives_the_same_ids(image_index, tmp_path, capsys):
+    """Ids come from paths, whatever the model: the rebuild runs the real backbone at 64 px on
+    whole frames (a quarter of a second's work here, where the session index paid for views)."""
+    root, n_good, index_dir = image_index
+    (tmp_path / "small.yaml").write_text("model:\n  image_size: 64\n  index_views: []\n")
+    capsys.readouterr()
+    assert indexing_main(["build", "--images", str(root), "--index-dir", str(tmp_path / "b"), "--shards", "2",
+                          "--config", str(tmp_path / "small.yaml")]) == 0
     # Output to a file or pipe: plain progress lines (no carriage returns) ending in one summary.
     err, listed = capsys.readouterr().err, n_good + 2
     assert f"embedding: {listed}/{listed} images in " in err and "filling shards: 2/2 shards in " in err
     assert "\r" not in err and "Total Progress" not in err  # nor Ray Data's own progress table
-    a = pq.read_table(out / "a" / "catalog.parquet").to_pydict()
-    b = pq.read_table(out / "b" / "catalog.parquet").to_pydict()
+    a = pq.read_table(index_dir / "catalog.parquet").to_pydict()
+    b = pq.read_table(tmp_path / "b" / "catalog.parquet").to_pydict()
     assert dict(zip(a["uri"], a["id"])) == dict(zip(b["uri"], b["id"]))
 
 
 def test_edited_copies_find_their_original(image_index, embedder):
-    root, _, out = image_index
-    ix = ShardedIndex.open(str(out / "a"))
-    cat = pq.read_table(out / "a" / "catalog.parquet").to_pydict()
+    root, _, index_dir = image_index
+    ix = ShardedIndex.open(str(index_dir))
+    cat = pq.read_table(index_dir / "catalog.parquet").to_pydict()
     uris, ids = cat["uri"], np.array(cat["id"])
     queries = embedder.embed_bytes([edited_copy(open(u, "rb").read(), scale=0.6, quality=60) for u in uris])
     _, I = ix.search(queries, 1)

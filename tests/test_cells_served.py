@@ -23,13 +23,20 @@ PICTURES = 640  # the corpus: uploads (pictures too) then fall into cells of eve
 
 
 @pytest.fixture(scope="module")
-def cells_service(ray_session, service, embedder, tmp_path_factory):
-    """Apps `cl` (route /cl) and `cl-index`: 4 shards, placement cells. Yields (url, dir, ids, vectors)."""
-    index_dir = str(tmp_path_factory.mktemp("cells") / "index")
-    x = embedder.embed_bytes([picture(10_000 + i) for i in range(PICTURES)]).astype(np.float32)
+def cells_service(ray_session, service, tmp_path_factory):
+    """Apps `cl` (route /cl) and `cl-index`: 4 shards, placement cells. Yields (url, dir, ids, vectors).
+    The subject is placement, not retrieval quality: the real backbone runs at 64 px, here and in the
+    service's embedder (12x fewer pixels than 224)."""
+    from embedding.embedder import Embedder
+
+    work = tmp_path_factory.mktemp("cells")
+    index_dir, small = str(work / "index"), work / "small.yaml"
+    small.write_text("model:\n  image_size: 64\n")
+    cfg = load_config(str(small), {"index": {"placement": "cells"}})
+    x = Embedder(cfg.model).embed_bytes([picture(10_000 + i) for i in range(PICTURES)]).astype(np.float32)
     ids = np.arange(len(x), dtype=np.int64) * 5 + 3
-    build_from_vectors(x, ids, index_dir, load_config(None, {"index": {"placement": "cells"}}), 4, "IVF32,Flat")
-    for url in side_apps(service, "cl", index_dir):
+    build_from_vectors(x, ids, index_dir, cfg, 4, "IVF32,Flat")
+    for url in side_apps(service, "cl", index_dir, config=str(small)):
         yield url, index_dir, ids, x
 
 

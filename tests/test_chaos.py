@@ -1,7 +1,9 @@
 """Many nodes and faults: `python -m bench chaos` runs the service on a Ray cluster of three nodes
 on this machine (ray.cluster_utils.Cluster) under mixed load, through the loss of a shard node, a
 rolling redeploy and a SIGKILL of every component, and checks every request's outcome. Each run
-is its own process with its own cluster, beside the test session's Ray."""
+is its own process with its own cluster, beside the test session's Ray. Each costs minutes of a
+second cluster, so all of them are `slow`: `make test-all` (what CI runs) has them, `make test`
+does not."""
 import json
 import subprocess
 import sys
@@ -39,6 +41,7 @@ def nothing_lost(report: dict) -> None:
     assert report["total_matches"], (report["total"], report["total_expected_range"])
 
 
+@pytest.mark.slow
 def test_two_replicas_on_distinct_nodes_survive_node_loss_redeploy_and_kills(tmp_path):
     r = chaos(tmp_path, minutes=0.5, replicas=2)
     assert r["replicas_on_distinct_nodes"], r["placement"]
@@ -56,8 +59,7 @@ def test_two_replicas_on_distinct_nodes_survive_node_loss_redeploy_and_kills(tmp
 
 @pytest.mark.slow
 def test_one_replica_node_loss_answers_partial_never_an_error(tmp_path):
-    """One replica per shard (`make test-all`: a second cluster costs two minutes the default
-    suite's 30-minute CI budget does not have; the replicated run above is the default one)."""
+    """One replica per shard: a lost node takes shards with it, and searches answer partial."""
     r = chaos(tmp_path, minutes=0.5, replicas=1)
     s = searches(r, "node_loss")
     assert r["partial_answers"].get("node_loss", 0) > 0, r["partial_answers"]
@@ -69,7 +71,7 @@ def test_one_replica_node_loss_answers_partial_never_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_chaos_soak(tmp_path):
-    """The long soak: ten minutes of faults (`make test-all`)."""
+    """The long soak: ten minutes of faults."""
     r = chaos(tmp_path, minutes=10, replicas=2, seed=1)
     assert r["replicas_on_distinct_nodes"] and r["all_recovered"]
     nothing_lost(r)

@@ -93,7 +93,10 @@ def test_switch_to_rebalanced_version_without_downtime_or_lost_writes(sw_service
         while len(traffic.acked) < after + 3:
             time.sleep(0.1)
         out = switch("sw", timeout_s=180, drain_s=3)
-        time.sleep(2)  # writes and searches against the new version
+        # Writes and searches against the new version.
+        writes, searches, deadline = len(traffic.acked), len(traffic.search_status), time.time() + 60
+        while (len(traffic.acked) < writes + 3 or len(traffic.search_status) < searches + 10) and time.time() < deadline:
+            time.sleep(0.1)
     assert out["switched"] and out["index_app"] == "sw-index-v000002" and out["writes_carried"] >= 5
     statuses = traffic.search_status
     assert len(statuses) > 20 and all(s == 200 for s, _ in statuses), {s for s, _ in statuses}

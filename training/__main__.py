@@ -12,6 +12,7 @@ import sys
 
 from configs import logs
 from configs.schema import ConfigError, load_config
+from training.sources import TrainError, load_sources
 
 
 def main(argv=None) -> int:
@@ -30,13 +31,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logs.setup(logging.WARNING)
 
-    from training.train import TrainError, format_report, run_training
-
     try:
         cfg = load_config(args.config, {"train": {"epochs": args.epochs}} if args.epochs else None)
-    except ConfigError as e:
+        load_sources(args.images, args.labels, args.pairs, cfg)  # before torch and Ray load: a typo costs a second
+    except (ConfigError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from training.train import format_report, run_training
+
     if args.address:
         import ray
 
