@@ -64,7 +64,7 @@ def add_catalog_rows(index_dir: str, seed: int = 0) -> None:
 
     from indexing import storage
     from indexing.build import read_embeddings
-    from indexing.catalog import SCHEMA, sha_keys, write_catalog
+    from indexing.catalog import HASHED, SCHEMA, sha_keys, write_catalog
     from indexing.manifest import read_manifest
 
     m = read_manifest(index_dir)
@@ -75,7 +75,7 @@ def add_catalog_rows(index_dir: str, seed: int = 0) -> None:
     uris = pa.array([f"s3://photos-bucket/2026/11/{i % 1000:03d}/IMG_{i:012d}.jpg" for i in ids.tolist()])
     table = pa.table([pa.array(ids), uris, shas, pa.array(sha_keys(shas)),
                       pa.array(rng.integers(-2**63, 2**63 - 1, len(ids), dtype=np.int64)),
-                      pa.array(np.zeros(len(ids), np.uint8))], schema=SCHEMA)
+                      pa.array(np.full(len(ids), HASHED, np.uint8))], schema=SCHEMA)
     write_catalog(storage.join(index_dir, m.catalog), table)
 
 

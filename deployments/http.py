@@ -160,7 +160,7 @@ def parse_vector_request(body: bytes, content_type: str, dim: int, max_vectors: 
             raw = np.asarray(rows)  # one C pass; strings, nulls or nested lists give a non-numeric dtype
         except (TypeError, ValueError, RecursionError):
             raw = np.zeros(0, dtype=object)
-        if raw.dtype.kind not in "iuf":
+        if raw.dtype.kind not in "iuf" or raw.shape != (len(rows), dim):  # [[0.1, 0.2]] * dim is 3-d
             raise ApiError(422, "invalid_vector", "vector entries must be numbers")
         x = raw.astype(np.float32)
     if not (np.abs(x) <= MAX_VECTOR_ENTRY).all():  # also false for inf and NaN

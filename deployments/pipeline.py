@@ -170,7 +170,7 @@ async def once_more(call: Callable[[], Any], timeout_s: float, retry: Callable[[
 def _group_key(q: Query) -> tuple:
     # k within a factor of two shares a search: asking a shard for a few more candidates costs
     # far less than a second call, and a much larger k would slow the small ones down.
-    return id(q.router), q.vectors.shape[1], q.nprobe, int(q.fetch - 1).bit_length()
+    return id(q.router), q.vectors.shape[1:], q.nprobe, int(q.fetch - 1).bit_length()
 
 
 async def run_batch(queries: list[Query]) -> list[Any]:
@@ -184,8 +184,8 @@ async def run_batch(queries: list[Query]) -> list[Any]:
     async def one(members: list[int]) -> None:
         qs = [queries[p] for p in members]
         fetch = max(q.fetch for q in qs)
-        matrix = qs[0].vectors if len(qs) == 1 else np.concatenate([q.vectors for q in qs])
         try:
+            matrix = qs[0].vectors if len(qs) == 1 else np.concatenate([q.vectors for q in qs])
             hits = await qs[0].router.search(matrix, fetch, qs[0].nprobe)
         except Exception as e:  # every member gets the same error; other groups are unaffected
             for p in members:

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+import cv2
 from ray import serve
 
 from configs.schema import DecodeConfig
@@ -38,7 +39,7 @@ class Verifier:
             try:
                 data = storage.read_source(c["uri"], roots, lambda d: sha_key(hashlib.sha256(d).hexdigest()) == c["sha64"])
                 f = features_of(data, max_bytes=self.decode.max_bytes, max_pixels=self.decode.max_pixels)
-            except (storage.SourceUnavailable, ImageDecodeError):
+            except (storage.SourceUnavailable, ImageDecodeError, cv2.error):
                 return None  # not verifiable: it keeps its place
             self.cache.put(key, f)
         return f
@@ -64,6 +65,6 @@ class Verifier:
         deadline = time.monotonic() + budget_s
         try:
             return await asyncio.to_thread(self._verify, query, candidates, roots, deadline)
-        except ImageDecodeError:
+        except (ImageDecodeError, cv2.error):  # a query that cannot be verified is answered unverified
             return {}
 

@@ -68,9 +68,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: Optiona
             out = to_rgb(img)
             out.info["full_size"] = (h, w) if turned else (w, h)
             return out
-    except ImageDecodeError:
+    except (ImageDecodeError, MemoryError):  # MemoryError is the server's, not the upload's
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except Exception as e:  # Pillow's decoders raise more than OSError: a retyped TIFF tag gives TypeError
         raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
 
 
@@ -88,11 +88,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16/32-bit grayscale: rescale the real range to 0..255 rather than clipping.
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = np.zeros_like(a) if hi <= lo else (a - lo) * (255.0 / (hi - lo))
-        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+        # 16/32-bit grayscale: rescale the real range to 0..255 rather than clipping, in the
+        # mode's own width and a band of rows at a time (float64 copies of the whole frame cost
+        # 16 bytes a pixel: 640 MB at a 40 Mpx limit).
+        w, h = img.size
+        lo, hi = (float(v) for v in img.getextrema())
+        out = np.zeros((h, w), np.uint8)
+        if hi > lo:
+            scale, band = np.float32(255.0 / (hi - lo)), max(1, (1 << 20) // max(1, w))
+            for r in range(0, h, band):
+                part = np.array(img.crop((0, r, w, min(h, r + band))), dtype=np.float32)
+                part -= np.float32(lo)
+                part *= scale
+                out[r : r + band] = np.clip(part, 0, 255, out=part)
+        return Image.fromarray(out, "L").convert("RGB")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

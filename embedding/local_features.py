@@ -25,6 +25,7 @@ from embedding.decode import decode_image
 MAX_SIDE = 384
 ENLARGE_BELOW = MAX_SIDE // 2
 MAX_FEATURES = 1000
+MIN_SIDE = 16  # SIFT describes a keypoint by a 16x16 window around it
 RATIO = 0.8             # Lowe's ratio test: best match clearly better than the second best
 REPROJECTION_PX = 6.0   # RANSAC: a match within this many pixels of the fitted transform is an inlier
 
@@ -67,9 +68,12 @@ def extract(rgb: np.ndarray, max_features: int = MAX_FEATURES, enlarge: bool = F
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     scale = MAX_SIDE / max(gray.shape)
     if scale < 1 or (enlarge and max(gray.shape) < ENLARGE_BELOW):
-        gray = cv2.resize(gray, (round(gray.shape[1] * scale), round(gray.shape[0] * scale)),
+        # A banner (2000x1) would scale to height 0, which OpenCV refuses: at least one pixel.
+        gray = cv2.resize(gray, (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale))),
                           interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
     size = (gray.shape[1], gray.shape[0])
+    if min(gray.shape) < MIN_SIDE:  # thinner than one SIFT descriptor's window: nothing to match
+        return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), size)
     keypoints, descriptors = cv2.SIFT_create(nfeatures=max_features).detectAndCompute(gray, None)
     if descriptors is None:
         return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), size)

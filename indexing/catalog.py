@@ -17,13 +17,16 @@ import pyarrow.parquet as pq
 
 from indexing import storage
 
-# The `phash` of an image without a perceptual hash (indexed from vectors): one bit set, which a
-# median-thresholded pHash (about 32 of 64 bits set) never is. Arrays without nulls map zero-copy.
-NO_HASH = -(2**63)
-PRIVATE, UNSAFE = 1, 2  # bits of the `flags` column
+# Bits of the `flags` column. HASHED says `phash` holds a perceptual hash: every 64-bit value is
+# a possible pHash (a flat image's is -2**63, one bit set), so "no hash" (an image indexed from
+# vectors) cannot be a value of the column; and arrays without nulls map zero-copy.
+PRIVATE, UNSAFE, HASHED = 1, 2, 4
 
 SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("sha256", pa.string()), ("sha64", pa.int64()),
                     ("phash", pa.int64()), ("flags", pa.uint8())])
+# Snapshots written before HASHED existed marked "no hash" by the value -2**63 in phash instead.
+_SNAPSHOT_META = {b"hashed_flag": b"1"}
+_OLD_NO_HASH = -(2**63)
 _HEX = np.zeros(256, np.uint64)
 _HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
 _HEX[np.frombuffer(b"abcdef", np.uint8)] = _HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
@@ -66,13 +69,17 @@ def _is_hex(s: str) -> bool:
 
 def table_from_parquet(t: pa.Table) -> pa.Table:
     """A catalog table (id, uri, sha256[, private, unsafe, phash]) in SCHEMA, sorted by id; missing
-    flag columns read as unset and a missing or null phash as NO_HASH."""
+    flag columns read as unset and a missing or null phash as no hash."""
     n = t.num_rows
     flags = np.zeros(n, np.uint8)
     for name, bit in (("private", PRIVATE), ("unsafe", UNSAFE)):
         if name in t.column_names:
             flags |= np.where(t.column(name).fill_null(False).to_numpy(zero_copy_only=False), bit, 0).astype(np.uint8)
-    phash = t.column("phash").fill_null(NO_HASH) if "phash" in t.column_names else pa.array(np.full(n, NO_HASH))
+    if "phash" in t.column_names:
+        flags |= np.where(t.column("phash").is_valid().to_numpy(zero_copy_only=False), HASHED, 0).astype(np.uint8)
+        phash = t.column("phash").fill_null(0)
+    else:
+        phash = pa.array(np.zeros(n, np.int64))
     sha = t.column("sha256").combine_chunks() if n else pa.array([], pa.string())
     out = pa.table([t.column("id").cast(pa.int64()), t.column("uri").fill_null(""), sha.fill_null(""),
                     pa.array(sha_keys(sha)), phash.cast(pa.int64()), pa.array(flags)], schema=SCHEMA)
@@ -86,8 +93,9 @@ def table_from_rows(rows: dict[int, list]) -> pa.Table:
     get = [rows[i] for i in ids]
     shas = pa.array([r[1] for r in get], pa.string())
     return pa.table([pa.array(ids, pa.int64()), pa.array([r[0] for r in get], pa.string()), shas,
-                     pa.array(sha_keys(shas)), pa.array([NO_HASH if r[4] is None else r[4] for r in get], pa.int64()),
-                     pa.array([PRIVATE * bool(r[2]) | UNSAFE * bool(r[3]) for r in get], pa.uint8())], schema=SCHEMA)
+                     pa.array(sha_keys(shas)), pa.array([r[4] or 0 for r in get], pa.int64()),
+                     pa.array([PRIVATE * bool(r[2]) | UNSAFE * bool(r[3]) | HASHED * (r[4] is not None) for r in get],
+                              pa.uint8())], schema=SCHEMA)
 
 
 def read_catalog(base: str, name: Optional[str]) -> pa.Table:
@@ -101,10 +109,9 @@ def read_catalog(base: str, name: Optional[str]) -> pa.Table:
 def write_catalog(uri: str, table: pa.Table) -> None:
     """Write a SCHEMA table atomically as catalog parquet (flags as booleans, phash null for none)."""
     flags = table.column("flags").to_numpy(zero_copy_only=False)
-    phash = table.column("phash")
     out = pa.table({"id": table.column("id"), "uri": table.column("uri"), "sha256": table.column("sha256"),
                     "private": pa.array((flags & PRIVATE) > 0), "unsafe": pa.array((flags & UNSAFE) > 0),
-                    "phash": pc.if_else(pc.equal(phash, NO_HASH), pa.scalar(None, pa.int64()), phash)})
+                    "phash": pc.if_else(pa.array((flags & HASHED) > 0), table.column("phash"), pa.scalar(None, pa.int64()))})
     buf = io.BytesIO()
     pq.write_table(out, buf)
     storage.write_bytes_atomic(uri, buf.getvalue())
@@ -113,7 +120,7 @@ def write_catalog(uri: str, table: pa.Table) -> None:
 def write_snapshot(path: str, table: pa.Table) -> None:
     """A shard's snapshot metadata as an uncompressed Arrow IPC file (so it maps), atomically."""
     def write(tmp: str) -> None:
-        with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, SCHEMA) as w:
+        with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, SCHEMA.with_metadata(_SNAPSHOT_META)) as w:
             w.write_table(table.combine_chunks() if table.num_rows else table, max_chunksize=max(table.num_rows, 1))
 
     storage.write_file_atomic(path, write)
@@ -121,7 +128,13 @@ def write_snapshot(path: str, table: pa.Table) -> None:
 
 def open_snapshot(path: str) -> pa.Table:
     """A snapshot written by write_snapshot, memory-mapped: nothing is read until it is used."""
-    return pa.ipc.open_file(pa.memory_map(path)).read_all()
+    table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+    if (table.schema.metadata or {}).get(b"hashed_flag") == b"1":
+        return table.replace_schema_metadata(None)
+    # An older snapshot: every phash but the old marker is a hash (the flags column, one byte a
+    # row, is read into memory; the rest stays mapped).
+    flags = table.column("flags").to_numpy() | np.where(table.column("phash").to_numpy() != _OLD_NO_HASH, HASHED, 0)
+    return table.set_column(table.schema.get_field_index("flags"), "flags", pa.array(flags.astype(np.uint8)))
 
 
 class Columns:
@@ -147,8 +160,8 @@ class Columns:
 
     def row(self, p: int) -> list:
         """[uri, sha256, private, unsafe, phash or None] of row p."""
-        f, h = int(self.flags[p]), int(self.phash[p])
-        return [self._uri(p), self._sha(p), bool(f & PRIVATE), bool(f & UNSAFE), None if h == NO_HASH else h]
+        f = int(self.flags[p])
+        return [self._uri(p), self._sha(p), bool(f & PRIVATE), bool(f & UNSAFE), int(self.phash[p]) if f & HASHED else None]
 
     def uri(self, p: int) -> str:
         return self._uri(p)

@@ -30,16 +30,21 @@ def _cells_catch_up(index_dir: str, old: Manifest, manifest: Manifest, logged: l
     cells = CellRouting.open(index_dir, manifest.template, manifest.cell_table, manifest.nprobe)
     holder = {int(i): n for n, e in enumerate(manifest.shards)
               for i in shard_ids(read_index(storage.join(index_dir, e.path)))}
-    touched = {int(r.id) for records in logged for r in records}
-    held = {s: set(LiveShard(index_dir, old, s).ids().tolist()) & touched for s in range(old.num_shards)}
+    # One pass over the logs, grouped by id (each old log's order kept): writes stay paused while
+    # this runs, and rescanning every log for each id was quadratic in the writes carried.
+    by_id: dict[int, dict[int, list[Record]]] = defaultdict(lambda: defaultdict(list))
+    for s, records in enumerate(logged):
+        for r in records:
+            by_id[int(r.id)][s].append(r)
+    held = {s: set(LiveShard(index_dir, old, s).ids().tolist()) & by_id.keys() for s in range(old.num_shards)}
     out = defaultdict(list)
-    for id_ in touched:
+    for id_, per_log in by_id.items():
         owners = [s for s in range(old.num_shards) if id_ in held[s]]
         if not owners:
             if id_ in holder:
                 out[holder.pop(id_)].append(Record("delete", id_))
             continue
-        for rec in (r for s in owners for r in logged[s] if int(r.id) == id_):
+        for rec in (r for s in owners for r in per_log[s]):
             was = holder.get(id_)
             if rec.op == "upsert":
                 n = holder[id_] = cells.shard_of_vector(np.asarray(rec.vector, np.float32))

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from embedding.copies import hash_hex
 from indexing import storage, wal
 from indexing.catalog import (
-    NO_HASH, Columns, open_snapshot, read_catalog, sha_key, table_from_parquet, table_from_rows, write_snapshot,
+    HASHED, PRIVATE, UNSAFE, Columns, open_snapshot, read_catalog, sha_key, table_from_parquet, table_from_rows,
+    write_snapshot,
 )
 from indexing.ids import shard_of
 from indexing.manifest import Manifest
@@ -144,6 +145,14 @@ class LiveShard:
     def position(self) -> tuple[int, int]:
         """(generation, log offset) this replica has applied: where a later reader resumes."""
         return self.generation, self.offset
+
+    def _names_generation(self, g: int) -> bool:
+        """Whether the state file names generation g (when it cannot be read, assume it does:
+        a stray file costs disk, a removed one the shard)."""
+        try:
+            return self._read_state()["generation"] == g
+        except Exception:
+            return True
 
     def _read_state(self) -> dict:
         if self.live is None:
@@ -290,7 +299,7 @@ class LiveShard:
     def hidden(self) -> np.ndarray:
         """Ids flagged private or unsafe."""
         c = self.columns
-        flagged = c.ids[c.flags != 0]
+        flagged = c.ids[(c.flags & (PRIVATE | UNSAFE)) != 0]
         if self.rows or self.gone:
             stale = set(self.rows) | self.gone
             flagged = flagged[~np.isin(flagged, np.fromiter(stale, np.int64, len(stale)))]
@@ -314,8 +323,7 @@ class LiveShard:
         c, p = self.columns, self.columns.position(id_)
         if p < 0:
             return "", 0, None
-        h = int(c.phash[p])
-        return c.uri(p), int(c.sha64[p]), None if h == NO_HASH else h
+        return c.uri(p), int(c.sha64[p]), int(c.phash[p]) if c.flags[p] & HASHED else None
 
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> dict:
         """(D, I) with flagged ids filtered inside the search, and (uri, sha256 prefix, perceptual
@@ -399,9 +407,14 @@ class LiveShard:
                                        "meta": f"{self.name}.g{g}.arrow", "log": f"{self.name}.g{g}.wal"})
                     self._load()
             except BaseException:
-                for p in (index_path, meta_path):
-                    if os.path.exists(p):
-                        os.remove(p)
+                # Once the state file names generation g (its rename may have happened before a
+                # failure after it: the directory fsync, or loading it here), every other replica
+                # and every new one loads g's files: they stay, and this replica follows at its
+                # next sync. Only a generation nobody can name is removed.
+                if not self._names_generation(g):
+                    for p in (index_path, meta_path):
+                        if os.path.exists(p):
+                            os.remove(p)
                 raise
         # Generation g-1 stays for replicas that are loading it right now; g-2 is unused.
         for ext in ("faiss", "arrow", "parquet", "wal"):

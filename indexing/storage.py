@@ -7,15 +7,27 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from typing import Callable, Iterator, Optional
 
 import pyarrow.fs as pafs
 
 
+# RFC 3986: a scheme is a letter, then letters, digits, "+", "-" or "."; and it starts the URI.
+# `/data/a://b` has none: it is a local path with a colon in a folder's name.
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def scheme_of(uri: str) -> str:
+    """The URI's scheme in lower case ("s3", "file"), or "" for a plain local path."""
+    m = _SCHEME.match(uri)
+    return m.group(1).lower() if m else ""
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Filesystem and path for a URI or a plain local path."""
-    if "://" not in uri:
+    if not scheme_of(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     return pafs.FileSystem.from_uri(uri)
 
@@ -25,10 +37,11 @@ def relative_to(uri: str, roots: list[str]) -> Optional[str]:
     after normalising away `.` and `..` (so `/data/a/../../etc/passwd` is not under `/data`);
     None when no root holds it. A root itself is relative path ``"."``."""
     def norm(u: str) -> str:
-        scheme, sep, path = u.partition("://") if "://" in u else ("", "", u)
-        if scheme == "file":
-            scheme, sep = "", ""
-        return scheme + sep + posixpath.normpath("/" + path.lstrip("/") if not sep else path)
+        scheme = scheme_of(u)
+        path = u[len(scheme) + 3 :] if scheme else u
+        if scheme in ("", "file"):  # a local path, absolute after normalising
+            return posixpath.normpath("/" + path.lstrip("/"))
+        return f"{scheme}://" + posixpath.normpath(path)
 
     target = norm(uri)
     for root in map(norm, roots):
@@ -46,12 +59,12 @@ def is_under(uri: str, roots: list[str]) -> bool:
 
 def is_local(uri: str) -> bool:
     """True for plain paths and file:// URIs."""
-    return "://" not in uri or uri.startswith("file://")
+    return scheme_of(uri) in ("", "file")
 
 
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a URI or local path."""
-    if "://" in base:
+    if scheme_of(base):
         return posixpath.join(base, *parts)
     return os.path.join(base, *parts)
 
@@ -80,9 +93,14 @@ def source_path(uri: str, roots: list[str]) -> Optional[str]:
         return None
     if not is_local(uri):
         return uri
-    path = os.path.realpath(uri.removeprefix("file://"))
-    local_roots = [os.path.realpath(r.removeprefix("file://")) for r in roots if is_local(r)]
+    path = os.path.realpath(_local(uri))
+    local_roots = [os.path.realpath(_local(r)) for r in roots if is_local(r)]
     return path if is_under(path, local_roots) else None
+
+
+def _local(uri: str) -> str:
+    """The path of a local URI (a plain path, or file:// in any case)."""
+    return uri[len("file://") :] if scheme_of(uri) == "file" else uri
 
 
 def read_source(uri: str, roots: list[str], matches: Optional[Callable[[bytes], bool]] = None) -> bytes:
@@ -166,7 +184,7 @@ def check_folder(uri: str) -> tuple[pafs.FileSystem, str]:
 def list_files(uri: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, str]]:
     """Yield (full path or URI, path relative to `uri`) for files under `uri` with one of `extensions`."""
     fs, root = check_folder(uri)
-    prefix = uri.split("://", 1)[0] + "://" if "://" in uri and not uri.startswith("file://") else ""
+    prefix = "" if is_local(uri) else uri.split("://", 1)[0] + "://"
     exts = tuple(e.lower() for e in extensions)
     for fi in sorted(fs.get_file_info(pafs.FileSelector(root, recursive=True)), key=lambda f: f.path):
         if fi.type == pafs.FileType.File and fi.path.lower().endswith(exts):

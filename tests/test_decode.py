@@ -100,3 +100,86 @@ def test_a_large_jpeg_decodes_at_the_scale_the_model_needs():
     a = np.asarray(full.resize((224, 224), Image.BILINEAR, reducing_gap=3.0), dtype=np.float32)
     b = np.asarray(fast.resize((224, 224), Image.BILINEAR, reducing_gap=3.0), dtype=np.float32)
     assert np.abs(a - b).mean() < 3  # the same picture for the model
+
+
+# ------------------------------------------------------------ malformed files of every accepted format
+
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def _sample(fmt: str) -> bytes:
+    rng = np.random.default_rng(0)
+    return encode(Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)), fmt)
+
+
+def _tiff_with_strip_offsets_of_type(typ: int) -> bytes:
+    """A TIFF whose StripOffsets tag (273) is re-typed (5: RATIONAL, 2: ASCII, ...): PIL's decoder
+    once raised TypeError on it ('IFDRational' object cannot be interpreted as an integer)."""
+    import struct
+
+    b = bytearray(_sample("TIFF"))
+    ifd = struct.unpack_from("<I", b, 4)[0]
+    for e in range(struct.unpack_from("<H", b, ifd)[0]):
+        pos = ifd + 2 + 12 * e
+        if struct.unpack_from("<H", b, pos)[0] == 273:
+            struct.pack_into("<HII", b, pos + 2, typ, 1, 8)
+    return bytes(b)
+
+
+def _malformed():
+    for fmt in FORMATS:
+        data = _sample(fmt)
+        yield f"{fmt}-truncated", data[: len(data) // 2]
+        yield f"{fmt}-header-only", data[:16]
+        yield f"{fmt}-bad-header", data[:4] + bytes(8) + data[12:]
+        yield f"{fmt}-garbage-body", data[:32] + bytes(range(256)) * 4
+    for typ in (5, 10, 11, 12, 2, 7):
+        yield f"TIFF-strip-offsets-type-{typ}", _tiff_with_strip_offsets_of_type(typ)
+
+
+@pytest.mark.parametrize("name,data", list(_malformed()), ids=[n for n, _ in _malformed()])
+def test_a_malformed_file_is_a_decode_error_or_an_image(name, data):
+    """Whatever the decoder meets inside, the upload is refused as a bad image (400) or decoded:
+    never another exception (a 500, or an aborted verification)."""
+    try:
+        assert decode_image(data, **LIMITS).mode == "RGB"
+    except ImageDecodeError as e:
+        assert str(e)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mutated_bytes_are_a_decode_error_or_an_image(fmt):
+    """A bounded, seeded fuzz: 1,500 copies of one file per format with 1-5 bytes changed."""
+    rng, base = np.random.default_rng(FORMATS.index(fmt)), _sample(fmt)
+    for _ in range(1500):
+        b = bytearray(base)
+        for _ in range(int(rng.integers(1, 6))):
+            b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
+        try:
+            decode_image(bytes(b), **LIMITS)
+        except ImageDecodeError:
+            pass
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_a_deep_image_decodes_within_a_few_bytes_per_pixel(mode):
+    """A 2000x2000 16-bit (or 32-bit, or float) image: converted in its own width, a band of rows
+    at a time, not through float64 copies of the whole frame (16 B/pixel, 640 MB at the 40 Mpx
+    limit, from an all-zero PNG of ~80 KB)."""
+    import tracemalloc
+
+    w = h = 2000
+    ramp = np.tile(np.linspace(0, 60000, w, dtype=np.float32), (h, 1))
+    img = Image.fromarray(ramp.astype(np.uint16)) if mode == "I;16" else Image.fromarray(ramp).convert(mode)
+    assert img.mode == mode
+    data = encode(img, "PNG" if mode == "I;16" else "TIFF")
+    limits = dict(max_bytes=100_000_000, max_pixels=40_000_000)
+    tracemalloc.start()
+    try:
+        out = decode_image(data, **limits)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * w * h, f"{peak / (w * h):.1f} bytes per pixel"
+    a = np.asarray(out)
+    assert a.shape == (h, w, 3) and a[:, 0].max() == 0 and a[:, -1].min() == 255  # the range still spans 0..255

@@ -189,6 +189,52 @@ def test_a_full_disk_fails_only_the_write_it_hits(index, rng, monkeypatch):
     assert LiveShard(d, m, 0).get(ids[2])["unsafe"]
 
 
+def test_a_compaction_that_fails_after_publishing_keeps_the_files_it_published(index, monkeypatch):
+    """The state file names generation 1 once it is renamed into place; if loading it then fails
+    (MemoryError), its files must stay: every other replica and every new one loads them."""
+    d, _ = index
+    m = read_manifest(d)
+    a = LiveShard(d, m, 0)
+    ids = a.ids()[:2].tolist()
+    assert a.write(Record("flags", ids[0], private=True))
+
+    def no_memory(self):
+        raise MemoryError("cannot map the snapshot")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(LiveShard, "_load", no_memory)
+        with pytest.raises(MemoryError):
+            a.compact()
+    b = LiveShard(d, m, 0)  # a new replica: loads what the state names
+    assert b.generation == 1 and b.get(ids[0])["private"] and b.ntotal == a.ntotal
+    a.sync()  # the replica that failed catches up with the generation in force
+    assert a.generation == 1 and a.write(Record("flags", ids[1], unsafe=True))
+    assert LiveShard(d, m, 0).get(ids[1])["unsafe"]
+
+
+def test_a_uniform_image_keeps_its_hash_through_compaction_and_the_catalog(index, rng, tmp_path):
+    """A flat image's pHash is one bit set (-2**63): a real hash, the same before and after a
+    compaction, and through a catalog file; an image without pixels has none."""
+    from embedding.copies import perceptual_hash
+    from indexing.catalog import Columns, read_catalog, table_from_rows, write_catalog
+
+    flat = perceptual_hash(np.full((64, 64, 3), 128, np.uint8))
+    assert flat == -2**63
+    d, _ = index
+    m = read_manifest(d)
+    a = LiveShard(d, m, 0)
+    a.write(Record("upsert", 7_000_001, unit(rng), uri="flat.jpg", sha256="ab" * 32, phash=flat))
+    a.write(Record("upsert", 7_000_002, unit(rng), uri="vector-only", sha256="cd" * 32))
+    before = [a.get(i)["perceptual_hash"] for i in (7_000_001, 7_000_002)]
+    assert before == ["8000000000000000", None]
+    assert a.compact() == 1
+    assert [LiveShard(d, m, 0).get(i)["perceptual_hash"] for i in (7_000_001, 7_000_002)] == before
+    write_catalog(str(tmp_path / "catalog.parquet"), table_from_rows({1: ["a", "h", False, False, flat],
+                                                                       2: ["b", "h", True, False, None]}))
+    rows = Columns(read_catalog(str(tmp_path), "catalog.parquet"))
+    assert [rows.row(p)[4] for p in range(2)] == [flat, None] and rows.row(1)[2]
+
+
 def test_a_sealed_shard_refuses_writes_so_none_is_acknowledged_and_missed(index, rng):
     """The fence of a version switch: records are read and the shard sealed under one lock. A write
     either lands before (and is among the records carried over) or is refused after."""

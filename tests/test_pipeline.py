@@ -3,6 +3,7 @@ bad request, deadlines, and the ranking policy."""
 import asyncio
 
 import numpy as np
+import orjson
 import pytest
 
 from configs.schema import load_config
@@ -68,6 +69,25 @@ def test_bad_request_does_not_fail_its_batch(built):
     assert isinstance(out[1], Exception)
     assert isinstance(out[0], Hits) and out[0].ids.shape == (2, 5) and out[0].ids[0, 0] == 1
     assert isinstance(out[2], Hits) and out[2].ids[0, 0] == 2 * 7 + 1
+
+
+def test_a_query_of_the_wrong_shape_fails_alone(built):
+    """A (1, d, 2) array, as a nested JSON vector once reached the batch, has the dimension the
+    group is keyed by; it must fail on its own, not every query of its batch."""
+    index_dir, x = built
+    router = in_process_router(index_dir)
+    out = asyncio.run(run_batch([Query(x[:1], 5, 8, router), Query(np.ones((1, 32, 2), np.float32), 5, 8, router)]))
+    assert isinstance(out[0], Hits) and out[0].ids[0, 0] == 1
+    assert isinstance(out[1], Exception)
+
+
+def test_a_nested_json_vector_is_a_422():
+    from deployments.http import ApiError, parse_vector_request
+
+    for body in ({"vector": [[0.1, 0.2]] * 32}, {"vectors": [[[0.1, 0.2]] * 32]}):
+        with pytest.raises(ApiError) as e:
+            parse_vector_request(orjson.dumps(body), "application/json", 32, 8)
+        assert e.value.status == 422 and e.value.code == "invalid_vector"
 
 
 def test_slow_shard_is_left_out_and_none_means_unavailable(built):

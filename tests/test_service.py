@@ -109,6 +109,7 @@ BAD = [
     ("post", "/search/vector", dict(content=b"{nope"), 400, "invalid_json"),
     ("post", "/search/vector", dict(json={"vector": [0.1, 0.2]}), 422, "wrong_dimension"),
     ("post", "/search/vector", dict(json={"vector": ["a"] * 1280}), 422, "invalid_vector"),
+    ("post", "/search/vector", dict(json={"vector": [[0.1, 0.2]] * 1280}), 422, "invalid_vector"),
     ("post", "/search/vector", dict(json={"vector": [0.0] * 1280, "k": 5000}), 422, "invalid_k"),
     ("post", "/search/vector", dict(json={"nothing": 1}), 422, "invalid_request"),
     # hostile JSON: deep nesting, numbers past any type, non-integers where integers belong

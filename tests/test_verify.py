@@ -61,6 +61,32 @@ def test_no_features_no_inliers():
     assert len(flat.descriptors) == 0 and match(flat, flat).inliers == 0
 
 
+def test_a_banner_of_one_pixel_height_verifies_as_nothing_and_breaks_nothing(photos, tmp_path):
+    """A 2000x1 PNG (90 bytes) scales to height 0: as a query it is answered unverified, as an
+    indexed candidate it is skipped, and the other candidates of that search still verify."""
+    import asyncio
+    import hashlib
+
+    from configs.schema import DecodeConfig
+    from deployments.verifier import Verifier
+    from indexing.catalog import sha_key
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 1), (200, 30, 30)).save(buf, "PNG")
+    banner, photo = buf.getvalue(), next(iter(photos.values()))
+    for query in (False, True):
+        assert len(features_of(banner, query=query, **LIMITS).descriptors) == 0
+    candidates = []
+    for id_, data in ((1, banner), (2, photo)):
+        (tmp_path / f"{id_}.img").write_bytes(data)
+        candidates.append({"id": id_, "uri": str(tmp_path / f"{id_}.img"),
+                           "sha64": sha_key(hashlib.sha256(data).hexdigest())})
+    verifier = Verifier.func_or_class(DecodeConfig().model_dump())
+    found = asyncio.run(verifier.verify(photo, candidates, [str(tmp_path)], 30))
+    assert found[1][0] == 0 and found[2][0] > 50  # the photo still verifies against itself
+    assert all(inliers == 0 for inliers, _ in asyncio.run(verifier.verify(banner, candidates, [str(tmp_path)], 30)).values())
+
+
 def test_verified_results_move_to_the_top_the_most_of_the_query_explained_first():
     results = [{"id": i, "score": 1.0 - i / 10} for i in range(6)]
     found = {5: (40, 0.25), 3: (15, 0.9), 4: (30, 0.92), 0: (5, 0.9), 1: (9, 0.31)}
