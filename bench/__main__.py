@@ -157,6 +157,10 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=10, help="chaos: how long the faults go on")
     p.add_argument("--seed", type=int, default=0, help="chaos: seed of the load and of the order of the kills")
     p.add_argument("--replicas", type=int, default=2, help="chaos: replicas per shard (1: node loss gives partial answers)")
+    p.add_argument("--compact-after-bytes", type=int, help="chaos: shards compact after this many log bytes "
+                   "(small: many compactions under the faults)")
+    p.add_argument("--switch-shards", type=int, help="chaos: a last phase rebalances to this many shards under "
+                   "load and switches to the new version")
     p.add_argument("--url", help="verify: the running service to measure, serving an index of --images")
     args = p.parse_args(argv)
     logs.setup(logging.INFO)
@@ -164,7 +168,8 @@ def main(argv=None) -> int:
     if args.verb == "chaos":
         from bench.chaos import markdown, run_chaos, write_report
 
-        report = run_chaos(os.path.join(args.out, "work-chaos"), args.minutes, args.seed, args.replicas, args.port)
+        report = run_chaos(os.path.join(args.out, "work-chaos"), args.minutes, args.seed, args.replicas, args.port,
+                           args.compact_after_bytes, args.switch_shards)
         write_report(args.out, report)
         print(markdown(report))
         return 0

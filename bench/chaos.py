@@ -243,8 +243,12 @@ def replica_nodes(app: str, deployments: list[str], replicas: int, timeout_s: fl
         time.sleep(2)
 
 
-def run_chaos(work: str, minutes: float, seed: int, replicas: int, port: int = 8321) -> dict:
-    """Start the cluster, build and serve a small index, run the phases, check the record."""
+def run_chaos(work: str, minutes: float, seed: int, replicas: int, port: int = 8321,
+              compact_after_bytes: Optional[int] = None, switch_shards: Optional[int] = None) -> dict:
+    """Start the cluster, build and serve a small index, run the phases, check the record. With
+    `compact_after_bytes` the shards compact every few writes (many compactions under faults);
+    with `switch_shards` a last phase rebalances to that many shards under load and switches to
+    the new version (writes carried across it, compactions of the old version in between)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -258,7 +262,7 @@ def run_chaos(work: str, minutes: float, seed: int, replicas: int, port: int = 8
     phase_s = max(10.0, minutes * 60 / 3)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 4, "include_dashboard": False, "resources": {FRONT_RESOURCE: 4}})
-    shard_node_args = {"num_cpus": 2, "resources": {SHARD_RESOURCE: 4}}
+    shard_node_args = {"num_cpus": 2, "resources": {SHARD_RESOURCE: 8}}  # room for a second version's shards
     shard_nodes = [cluster.add_node(**shard_node_args) for _ in range(max(2, replicas))]
     ray.init(address=cluster.address, namespace="serve", logging_level="WARNING")
     report: dict = {"seed": seed, "replicas": replicas, "minutes": minutes, "nodes": 1 + len(shard_nodes)}
@@ -270,7 +274,8 @@ def run_chaos(work: str, minutes: float, seed: int, replicas: int, port: int = 8
         cfg = load_serve_config(str(DEFAULT_SERVE_CONFIG), index_dir, None, port)
         cfg["proxy_location"] = "HeadOnly"  # the "nodes" share this machine's ports
         cfg["applications"][1]["args"]["overrides"] = {"serve": {
-            "shard_replicas": replicas, "shard_max_replicas_per_node": 1, "shard_resources": {SHARD_RESOURCE: 1}}}
+            "shard_replicas": replicas, "shard_max_replicas_per_node": 1, "shard_resources": {SHARD_RESOURCE: 1},
+            **({"compact_after_bytes": compact_after_bytes} if compact_after_bytes else {})}}
         for d in cfg["applications"][0]["deployments"]:  # the front stays on the head node
             d.setdefault("ray_actor_options", {})["resources"] = {FRONT_RESOURCE: 1}
             if d["name"] == "Embedder":
@@ -317,7 +322,7 @@ def run_chaos(work: str, minutes: float, seed: int, replicas: int, port: int = 8
                 t0 = time.time()
                 live = deployed_config()
                 index_app = next(a for a in live["applications"] if a["name"] == "imsearch-index")
-                index_app["args"]["overrides"]["serve"]["compact_after_bytes"] = 32 * 1024 * 1024
+                index_app["args"]["overrides"]["serve"]["compact_after_bytes"] = (compact_after_bytes or 16 * 1024 * 1024) * 2
                 deploy_config(live)
                 time.sleep(2)
                 wait_running("imsearch-index", 300)
@@ -334,6 +339,26 @@ def run_chaos(work: str, minutes: float, seed: int, replicas: int, port: int = 8
                     events.append({"fault": f"SIGKILL {what}", "pid": pid,
                                    "recovered_s": None if back is None else round(time.time() - t0, 1)})
                     time.sleep(max(0.0, phase_s / len(order) - (time.time() - t0)))
+            if switch_shards:
+                # 4. a rebalance while writes go on (the old version compacting meanwhile), then
+                # the zero-downtime switch, which carries the writes taken since.
+                from deployments.switch import switch
+                from indexing.rebalance import rebalance
+
+                ledger.phase = "switch"
+                t0 = time.time()
+                rebalance(index_dir, switch_shards, task_cpus=0.25)
+                time.sleep(phase_s / 3)  # writes (and compactions) after the rebalance read the old logs
+                out = switch("imsearch", timeout_s=300, drain_s=2)
+                events.append({"fault": "rebalance + switch", "recovered_s": round(time.time() - t0, 1),
+                               "writes_carried": out.get("writes_carried"), "writes_paused_s": out.get("writes_paused_s")})
+                probe = httpx.put(f"{url}/images/9999999", content=picture(9999999), timeout=60,
+                                  headers={**AUTH, "content-type": "image/jpeg"})
+                report["writes_paused_at_end"] = probe.status_code == 503
+                report["version_at_end"] = httpx.get(f"{url}/stats", timeout=30).json()["version"]
+                if probe.status_code < 300:
+                    with ledger.lock:
+                        ledger.acked[9999999] = "upsert"
             ledger.phase = "settle"
             time.sleep(3)
         report["events"] = events

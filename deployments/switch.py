@@ -130,10 +130,21 @@ def switch(front: str = "imsearch", version: Optional[int] = None, timeout_s: fl
 
     ingress = _ingress(next(a for a in cfg["applications"] if a["name"] == front))
     t_pause = time.time()
-    ingress["user_config"] = {**routing, "writes_paused": True}
-    deploy_config(cfg)
-    wait_routing(front, {"index_app": old_app, "writes_paused": True}, timeout_s)
-    carried = catch_up(index_dir, target) if replay else 0
+    try:
+        ingress["user_config"] = {**routing, "writes_paused": True}
+        deploy_config(cfg)
+        wait_routing(front, {"index_app": old_app, "writes_paused": True}, timeout_s)
+        carried = catch_up(index_dir, target) if replay else 0
+    except Exception as e:
+        # Nothing has moved to the new version yet: the old one takes writes again (catch_up
+        # unsealed its shards), and the new application goes.
+        ingress["user_config"] = dict(routing)
+        cfg["applications"] = [a for a in cfg["applications"] if a["name"] != new_app]
+        deploy_config(cfg)
+        wait_routing(front, {"index_app": old_app, "writes_paused": False}, timeout_s)
+        raise SwitchError(f"the switch to version {target.version} failed ({e}); {front} stays on version "
+                          f"{old_info['version']} and takes writes again. Make a new version from it (indexing "
+                          "rebalance) and switch to that") from e
     ingress["user_config"] = {**routing, "index_app": new_app, "writes_paused": False}
     deploy_config(cfg)
     wait_routing(front, {"index_app": new_app, "writes_paused": False}, timeout_s)

@@ -14,7 +14,7 @@ import numpy as np
 from indexing import storage
 from indexing.cells import CellRouting
 from indexing.ids import shard_of
-from indexing.live import LiveShard, append_records, read_records_since
+from indexing.live import LiveShard, append_records, read_records_since, unseal
 from indexing.manifest import Manifest, read_manifest
 from indexing.shards import read_index, shard_ids
 from indexing.wal import Record
@@ -63,13 +63,21 @@ def catch_up(index_dir: str, manifest: Manifest) -> int:
     """Seal the source version's shards and replay onto `manifest`'s shards the writes they logged
     since the rebalance; returns how many records were carried. Sealing happens under each old
     shard's lock as its records are read, so a write that reaches an old shard afterwards (a lagging
-    Ingress replica) is refused rather than acknowledged and lost. Safe to repeat."""
+    Ingress replica) is refused rather than acknowledged and lost. Safe to repeat. When a shard's
+    records can no longer be read, the shards it sealed are unsealed and the error raised: the
+    switch is off and the old version takes writes again."""
     r = manifest.replay_from
     if r is None or not storage.is_local(index_dir):
         return 0  # a fresh build, or an object-store index (served read-only: no writes to carry)
     old = read_manifest(index_dir, r.version)
-    logged = [read_records_since(index_dir, old, s, (generation, offset), seal=True)
-              for s, (generation, offset) in enumerate(r.positions)]
+    logged = []
+    try:
+        for s, (generation, offset) in enumerate(r.positions):
+            logged.append(read_records_since(index_dir, old, s, (generation, offset), seal=True))
+    except BaseException:
+        for s in range(len(logged)):  # the old version takes writes again: the switch is off
+            unseal(index_dir, old, s)
+        raise
     if manifest.placement == "cells":
         per_shard = _cells_catch_up(index_dir, old, manifest, logged)
     else:

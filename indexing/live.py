@@ -32,7 +32,7 @@ from indexing.catalog import (
     write_snapshot,
 )
 from indexing.ids import shard_of
-from indexing.manifest import Manifest
+from indexing.manifest import Manifest, read_manifest
 from indexing.merge import merge_topk
 from indexing.shards import add_to_shard, is_refine, read_index, search_shard, shard_ids
 
@@ -89,18 +89,28 @@ def read_records_since(index_dir: str, manifest: Manifest, shard_no: int, positi
     Compaction keeps the previous generation's log, so a position one generation old still works;
     an older one raises, because those records now exist only inside a snapshot."""
     with _locked_state(index_dir, manifest, shard_no) as (stem, state):
-        if seal and not state.get("sealed"):
-            storage.write_bytes_atomic(f"{stem}.json", json.dumps({**state, "sealed": True}).encode())
         current = state["generation"]
         generation, offset = position
+        logs = [f"{stem}.g{g}.wal" for g in range(generation, current + 1)]
+        missing = [log for log in logs[:-1] if not os.path.exists(log)]
+        if missing:  # checked before sealing: a catch-up that cannot finish seals nothing
+            raise FileNotFoundError(f"{missing[0]} is gone (a compaction before pending catch-ups were kept, or "
+                                    f"a lost disk): records after generation {generation} offset {offset} can no "
+                                    "longer be replayed")
+        if seal and not state.get("sealed"):
+            storage.write_bytes_atomic(f"{stem}.json", json.dumps({**state, "sealed": True}).encode())
         out = []
-        for g in range(generation, current + 1):
-            log = f"{stem}.g{g}.wal"
-            if g < current and not os.path.exists(log):
-                raise FileNotFoundError(f"{log} was removed by a later compaction: records after generation "
-                                        f"{generation} offset {offset} can no longer be replayed")
+        for g, log in zip(range(generation, current + 1), logs):
             out += wal.read_from(log, offset if g == generation else 0)[0]
         return out
+
+
+def unseal(index_dir: str, manifest: Manifest, shard_no: int) -> None:
+    """Let a shard take writes again after a switch that sealed it failed before it switched."""
+    with _locked_state(index_dir, manifest, shard_no) as (stem, state):
+        if state.get("sealed"):
+            unsealed = {k: v for k, v in state.items() if k != "sealed"}
+            storage.write_bytes_atomic(f"{stem}.json", json.dumps(unsealed).encode())
 
 
 def append_records(index_dir: str, manifest: Manifest, shard_no: int, records: list[wal.Record]) -> None:
@@ -146,6 +156,24 @@ class LiveShard:
         """(generation, log offset) this replica has applied: where a later reader resumes."""
         return self.generation, self.offset
 
+    def _replay_needs_from(self) -> Optional[int]:
+        """The oldest generation of this shard's log that a catch-up still reads: that of a newer
+        version rebalanced from this one (indexing.catchup), or None. Such a version is switched
+        to, or replaced by a later rebalance; until then the logs since its position stay."""
+        try:
+            newest = read_manifest(self.root).version
+        except FileNotFoundError:
+            return None
+        needed = []
+        for v in range(self.manifest.version + 1, newest + 1):
+            try:
+                r = read_manifest(self.root, v).replay_from
+            except FileNotFoundError:
+                continue
+            if r is not None and r.version == self.manifest.version and self.shard_no < len(r.positions):
+                needed.append(r.positions[self.shard_no][0])
+        return min(needed) if needed else None
+
     def _names_generation(self, g: int) -> bool:
         """Whether the state file names generation g (when it cannot be read, assume it does:
         a stray file costs disk, a removed one the shard)."""
@@ -176,6 +204,7 @@ class LiveShard:
         self.gone: set[int] = set()      # snapshot ids deleted since the snapshot
         self._excluded: Optional[tuple[np.ndarray, np.ndarray]] = None
         self.generation, self.log_name, self.offset = state["generation"], state["log"], 0
+        self._applied: Optional[tuple[int, bytes]] = None  # (start, header) of the last frame applied
         self.sync()
 
     def _snapshot_meta(self, state: dict) -> pa.Table:
@@ -208,9 +237,22 @@ class LiveShard:
         if self.live is None:
             return
         with self._mutex:
-            for r, end in wal.frames(os.path.join(self.live, self.log_name), self.offset):
+            # Read from the last frame applied, which must still be there: a writer whose fsync
+            # failed cuts its frame back (never acknowledged) and the next write lands in its
+            # place. A replica that applied the cut frame starts again from the snapshot and the
+            # log, or it would skip the acknowledged write under its offset.
+            log = os.path.join(self.live, self.log_name)
+            fresh = wal.frames(log, self._applied[0] if self._applied else self.offset)
+            if self._applied is not None:
+                again = next(fresh, None)
+                if again is None or again[1:] != (self.offset, self._applied[1]):
+                    self._load()
+                    return
+            for r, end, head in fresh:
                 if r is not None:
                     self._apply(r)
+                if head:
+                    self._applied = (self.offset, head)
                 self.offset = end  # only past what is applied: a failure never skips a record
             if self._read_state()["generation"] != self.generation:
                 # Another replica compacted: its snapshot holds every logged write, so reload it.
@@ -416,8 +458,12 @@ class LiveShard:
                         if os.path.exists(p):
                             os.remove(p)
                 raise
-        # Generation g-1 stays for replicas that are loading it right now; g-2 is unused.
+        # Generation g-1 stays for replicas that are loading it right now; g-2 is unused, but for
+        # its log while a version rebalanced from this one has not caught up from it yet.
+        needed = self._replay_needs_from()
         for ext in ("faiss", "arrow", "parquet", "wal"):
+            if ext == "wal" and needed is not None and needed <= g - 2:
+                continue
             try:
                 os.remove(self._path(f"g{g - 2}.{ext}"))
             except FileNotFoundError:

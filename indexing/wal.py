@@ -117,10 +117,11 @@ def append(log_path: str, records: list[Record], good_end: Optional[int] = None)
 
 
 
-def frames(log_path: str, offset: int) -> Iterator[tuple[Optional[Record], int]]:
-    """(record, offset just past it) for each frame after byte `offset`; the record is None for a
-    frame or bytes that are skipped. A reader records its position only once it has applied the
-    record, so a failure in between never loses one.
+def frames(log_path: str, offset: int) -> Iterator[tuple[Optional[Record], int, bytes]]:
+    """(record, offset just past it, its header) for each frame after byte `offset`; the record
+    is None (and the header empty) for a frame or bytes that are skipped. A reader records its
+    position only once it has applied the record, so a failure in between never loses one; and
+    with the header it can tell later whether the bytes it applied are still there (`holds`).
 
     Stops before a frame that runs past the end of the file (still being written, or torn by a
     crash). A frame with an intact header but a wrong payload checksum is skipped by its length;
@@ -146,21 +147,33 @@ def frames(log_path: str, offset: int) -> Iterator[tuple[Optional[Record], int]]
                 nxt = data.find(MAGIC, nxt + 1)
             if nxt < 0 or nxt + _HEAD.size > len(data):
                 return
-            yield None, offset + nxt
+            yield None, offset + nxt, b""
             pos = nxt
             continue
         end = pos + head + length
         if end > len(data):
             return  # incomplete: never look inside it
         payload = data[pos + head : end]
-        yield (Record.decode(payload) if zlib.crc32(payload) == crc else None), offset + end
+        yield (Record.decode(payload) if zlib.crc32(payload) == crc else None), offset + end, data[pos : pos + head]
         pos = end
+
+
+def holds(log_path: str, start: int, head: bytes) -> bool:
+    """Whether the log still holds, at byte `start`, the frame whose header a reader applied. A
+    writer whose fsync failed cuts its frame back, and the next write lands in its place: a
+    replica that read the failed frame in between finds another header (or none) there."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            return f.read(len(head)) == head
+    except FileNotFoundError:
+        return False
 
 
 def read_from(log_path: str, offset: int) -> tuple[list[Record], int]:
     """Valid records after byte `offset`, and the offset to resume from (see `frames`)."""
     out, end = [], offset
-    for record, end in frames(log_path, offset):
+    for record, end, _ in frames(log_path, offset):
         if record is not None:
             out.append(record)
     return out, end

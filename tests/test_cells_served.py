@@ -105,7 +105,7 @@ def test_cell_placement_served_end_to_end(cells_service):
     assert c.delete("/images/11", headers=AUTH).status_code == 200
     gone = int(ids[6])
     assert c.delete(f"/images/{gone}", headers=AUTH).status_code == 200
-    out = switch("cl", timeout_s=180, drain_s=3)
+    out = switch("cl", timeout_s=180, drain_s=1)
     assert out["switched"] and out["writes_carried"] >= 2  # 9 upserted, `gone` deleted; 11 came and went
     stats = c.get("/stats").json()
     assert stats["version"] == 2 and len(stats["shards"]) == 3 and stats["total"] == total

@@ -235,6 +235,85 @@ def test_a_uniform_image_keeps_its_hash_through_compaction_and_the_catalog(index
     assert [rows.row(p)[4] for p in range(2)] == [flat, None] and rows.row(1)[2]
 
 
+def _rebalanced_with_writes_and_two_compactions(index_dir: str) -> tuple:
+    """Rebalance to 3 shards, then on every old shard: a write, a compaction, twice over, and one
+    more write. Returns (old shards, new manifest, ids written)."""
+    from indexing.rebalance import rebalance
+
+    old = read_manifest(index_dir)
+    shards = [LiveShard(index_dir, old, s) for s in range(old.num_shards)]
+    new = rebalance(index_dir, 3, task_cpus=0.05)
+    written = []
+    for round_ in range(3):
+        for shard in shards:
+            id_ = int(shard.ids()[round_])
+            shard.write(Record("flags", id_, private=True))
+            written.append(id_)
+        if round_ < 2:
+            assert all(shard.compact() == round_ + 1 for shard in shards)
+    return shards, new, written
+
+
+def test_compactions_before_a_switch_keep_the_logs_its_catch_up_reads(index):
+    """Two compactions between a rebalance and its switch used to remove the log the catch-up
+    starts from: the switch failed with writes paused."""
+    from indexing.catchup import catch_up
+
+    d, _ = index
+    shards, new, written = _rebalanced_with_writes_and_two_compactions(d)
+    assert catch_up(d, new) == len(written)
+    for id_ in written:
+        assert any((m := LiveShard(d, new, s).get(id_)) is not None and m["private"] for s in range(new.num_shards))
+
+
+def test_a_catch_up_that_cannot_finish_leaves_no_old_shard_sealed(index):
+    """A log gone all the same (a lost disk) on the second shard: the catch-up fails, and the
+    first shard, sealed as it was read, takes writes again, as does the second."""
+    from indexing.catchup import catch_up
+
+    d, _ = index
+    shards, new, _ = _rebalanced_with_writes_and_two_compactions(d)
+    g = new.replay_from.positions[1][0]
+    os.remove(os.path.join(shards[1].live, f"{shards[1].name}.g{g}.wal"))
+    with pytest.raises(FileNotFoundError, match="can no longer be replayed"):
+        catch_up(d, new)
+    for shard in shards:
+        shard.write(Record("flags", int(shard.ids()[6]), unsafe=True))
+
+
+def test_a_replica_that_read_a_failed_append_applies_the_next_one(index, rng, monkeypatch):
+    """A write's bytes reach the log, a replica reads them, then fsync fails (EIO) and the writer
+    cuts them back: that write was never acknowledged. The next write lands where it was; the
+    replica must apply it (its offset is already past it) and drop the one that failed."""
+    import errno
+
+    from indexing import wal
+
+    d, _ = index
+    m = read_manifest(d)
+    writer, reader = LiveShard(d, m, 0), LiveShard(d, m, 0)
+    failed, acked = (int(i) for i in writer.ids()[:2])
+    real_fsync = os.fsync
+
+    seen = []
+
+    def fsync_fails_after_a_reader_looked(fd):
+        reader.sync()  # another replica's search, in between write and fsync
+        seen.append(reader._row(failed)[2])
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(wal.os, "fsync", fsync_fails_after_a_reader_looked)
+        with pytest.raises(OSError, match="Input/output"):
+            writer.write(Record("flags", failed, private=True, unsafe=True))
+    assert seen == [True]  # it did apply the write that then failed
+    assert os.fsync is real_fsync
+    writer.write(Record("flags", acked, private=True))
+    assert reader.get(acked)["private"], "the acknowledged write after a failed one was skipped"
+    assert not reader.get(failed)["private"] and not writer.get(failed)["private"]
+    assert LiveShard(d, m, 0).get(acked)["private"]
+
+
 def test_a_sealed_shard_refuses_writes_so_none_is_acknowledged_and_missed(index, rng):
     """The fence of a version switch: records are read and the shard sealed under one lock. A write
     either lands before (and is among the records carried over) or is refused after."""

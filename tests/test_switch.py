@@ -18,6 +18,8 @@ from tests.conftest import WRITE_TOKEN, side_apps
 from tests.images import picture
 
 AUTH = {"authorization": f"Bearer {WRITE_TOKEN}", "content-type": "image/jpeg"}
+# The tests share one served index whose versions move forward: they run in file order.
+pytestmark = pytest.mark.random_order(disabled=True)
 DIM, N = 1280, 1500  # the embedder's dimension, so PUT with an image works
 
 
@@ -92,7 +94,7 @@ def test_switch_to_rebalanced_version_without_downtime_or_lost_writes(sw_service
         assert c.patch("/images/8", json={"unsafe": True}, headers=AUTH).status_code == 200
         while len(traffic.acked) < after + 3:
             time.sleep(0.1)
-        out = switch("sw", timeout_s=180, drain_s=3)
+        out = switch("sw", timeout_s=180, drain_s=1)
         # Writes and searches against the new version.
         writes, searches, deadline = len(traffic.acked), len(traffic.search_status), time.time() + 60
         while (len(traffic.acked) < writes + 3 or len(traffic.search_status) < searches + 10) and time.time() < deadline:
@@ -119,3 +121,27 @@ def test_switch_refuses_what_it_cannot_carry(sw_service):
         switch("no-such-app")
     out = switch("sw")  # already on the current version: nothing to do
     assert not out["switched"]
+
+
+def test_a_switch_that_fails_leaves_the_old_version_serving_and_writable(sw_service):
+    """The catch-up cannot read the served version's manifest (gone with a disk, say): the switch
+    undoes itself and says so; the front stays on the served version, which takes writes, and
+    the new version's application is removed. Runs last in this file (it leaves a newer
+    manifest that no switch used)."""
+    import os
+
+    url, index_dir = sw_service
+    c = httpx.Client(base_url=url, timeout=60)
+    served = c.get("/stats").json()["version"]
+    new = rebalance(index_dir, 3, task_cpus=0.05)
+    held = os.path.join(index_dir, "manifests", f"v{served:06d}.json")
+    os.rename(held, held + ".away")
+    try:
+        with pytest.raises(SwitchError, match=f"stays on version {served} and takes writes again"):
+            switch("sw", timeout_s=180, drain_s=1)
+    finally:
+        os.rename(held + ".away", held)
+    assert c.get("/stats").json()["version"] == served
+    assert c.put("/images/434343", content=picture(434343), headers=AUTH).status_code == 201
+    assert f"sw-index-v{new.version:06d}" not in {a["name"] for a in deployed_config()["applications"]}
+
