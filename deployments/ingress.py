@@ -34,7 +34,9 @@ from deployments.http import (
 from deployments import openapi, thumbnails
 from deployments.cache import BytesLRU
 from deployments.metrics import DECODE_EMBED, FANOUT, MERGE_RANK, VERIFY, IngressMetrics
-from deployments.pipeline import Overloaded, Query, Router, ShardsUnavailable, once_more, rank, run_batch, within
+from deployments.pipeline import (
+    KeyedLocks, Overloaded, Query, Router, ShardsUnavailable, once_more, rank, run_batch, within,
+)
 from indexing.catalog import sha_key
 from indexing.cells import CellRouting
 from indexing.ids import id_from_bytes, id_from_path
@@ -72,15 +74,26 @@ class IndexVersion:
     shards: list[DeploymentHandle]
     router: Router
 
-    async def lookup(self, id_: int, timeout_s: float) -> tuple[Optional[int], Optional[dict]]:
-        """The shard holding an id and the id's metadata; (None, None) when no shard has it. Under
-        hash placement one shard is asked; under cell placement all are (a membership check each)."""
+    async def holders(self, id_: int, timeout_s: float) -> list[tuple[int, dict]]:
+        """(shard, metadata) of every shard holding an id: one at most under hash placement (one
+        shard is asked); under cell placement all are asked (a membership check each)."""
         candidates = self.router.shards_for_id(id_)
         unavailable = ApiError(503, "shards_unavailable", f"the shard holding image {id_} did not answer",
                                headers={"Retry-After": "2"})
         answers = await asyncio.gather(*[_bounded(lambda s=s: self.shards[s].get.remote(id_), timeout_s, unavailable)
                                          for s in candidates])
-        return next(((s, meta) for s, meta in zip(candidates, answers) if meta is not None), (None, None))
+        return [(s, meta) for s, meta in zip(candidates, answers) if meta is not None]
+
+    async def lookup(self, id_: int, timeout_s: float) -> tuple[Optional[int], Optional[dict]]:
+        """The shard holding an id and the id's metadata (a flag set on any copy counts); (None,
+        None) when no shard has it."""
+        found = await self.holders(id_, timeout_s)
+        if not found:
+            return None, None
+        meta = dict(found[0][1])
+        for flag in ("private", "unsafe"):
+            meta[flag] = any(m[flag] for _, m in found)
+        return found[0][0], meta
 
 
 def overloaded(what: str) -> ApiError:
@@ -109,6 +122,7 @@ class Ingress:
         self.routing: Routing | None = None  # set by reconfigure (user_config) before any request
         self.version: Optional[IndexVersion] = None
         self.in_flight = self.writes_in_flight = 0
+        self.id_locks = KeyedLocks()
         self._log_flusher: Optional[asyncio.Task] = None
         self.cfg, self.decode = ServeConfig(**serve_cfg), DecodeConfig(**decode_cfg)
         self._search_batch.set_max_batch_size(self.cfg.search_batch_size)
@@ -373,14 +387,25 @@ class Ingress:
             try:
                 if version.router.cells is None:
                     return await send(version.router.shards_for_id(id_)[0], op, *args)
-                holder, _ = await version.lookup(id_, self.cfg.shard_timeout_s)
-                if op != "upsert":
-                    return holder is not None and await send(holder, op, *args)
-                target = version.router.shard_for_write(id_, vector)
-                await send(target, op, *args)
-                if holder not in (None, target):  # the id moved cells: its old copy goes
-                    await send(holder, "delete")
-                return holder is not None
+                # Under cells an upsert can move an id to another shard: a read of its holders,
+                # then writes to two shards. One write of an id at a time (per Ingress replica),
+                # so two of them cannot both move it and leave two copies.
+                async with self.id_locks.hold(id_):
+                    found = await version.holders(id_, self.cfg.shard_timeout_s)
+                    if op != "upsert":  # a delete or a flag reaches every copy, even a stray one
+                        for holder, _ in found:
+                            await send(holder, op, *args)
+                        return bool(found)
+                    target = version.router.shard_for_write(id_, vector)
+                    if found:  # flags belong to the id, not to the shard that held it
+                        uri, sha, _, _, phash = args[1:]
+                        args = (args[0], uri, sha, any(m["private"] for _, m in found),
+                                any(m["unsafe"] for _, m in found), phash)
+                    await send(target, op, *args)
+                    for holder, _ in found:
+                        if holder != target:  # the id moved cells: its old copy goes
+                            await send(holder, "delete")
+                    return bool(found)
             except SealedError:  # this replica has not yet heard of a version switch: the shard fenced it
                 raise ApiError(503, "writes_paused", "the index switched versions; retry in a few seconds",
                                headers={"Retry-After": "2"}) from None

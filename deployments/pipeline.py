@@ -15,6 +15,7 @@ no Ray: the Ingress feeds it DeploymentHandles, tests feed it shards searched in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -130,6 +131,32 @@ class Router:
         D, I = merge_topk(parts, k, self.metric)
         meta = {i: m for _, a in ok for i, m in a["meta"].items()}
         return Hits(D, I, meta, partial=len(ok) < len(asked), merge_s=time.perf_counter() - t1)
+
+
+class KeyedLocks:
+    """One asyncio lock per key (an image id), held only while someone holds or waits for it: the
+    writes of one id go one at a time, those of different ids side by side."""
+
+    def __init__(self):
+        self._locks: dict[Any, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Any):
+        lock, users = self._locks.get(key, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 async def within(response: Any, timeout_s: float, *, keep_running: bool = False) -> Any:

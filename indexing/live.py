@@ -280,7 +280,9 @@ class LiveShard:
             self._drop_vector(r.id)
             add_to_shard(self.delta, np.array([r.id], dtype=np.int64), r.vector[None, :])
             self.in_delta.add(r.id)
-            self.rows[r.id] = [r.uri, r.sha256, *(old[2:4] if old else [False, False]), r.phash]
+            flags = [given if given is not None else bool(old and old[i])
+                     for i, given in ((2, r.private), (3, r.unsafe))]
+            self.rows[r.id] = [r.uri, r.sha256, *flags, r.phash]
         elif r.op == "delete" and old is not None:
             self._drop_vector(r.id)
             self.rows.pop(r.id, None)

@@ -49,6 +49,8 @@ class Record:
             head.update(uri=self.uri, sha256=self.sha256, dim=int(len(self.vector)))
             if self.phash is not None:
                 head["phash"] = int(self.phash)
+            # An upsert that moves an id to another shard carries its flags there.
+            head.update({k: v for k, v in (("private", self.private), ("unsafe", self.unsafe)) if v is not None})
         if self.op == "flags":
             head.update(private=self.private, unsafe=self.unsafe)
         payload = json.dumps(head).encode() + b"\n"

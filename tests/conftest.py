@@ -84,9 +84,14 @@ _HANDLE_LOOP = None
 
 
 def shard_info(deployment: str, app: str = "imsearch-index", timeout_s: float = 10) -> dict:
-    """A Shard deployment's info() through a handle. Serve's throughput mode wants handle calls
-    made from an event loop, the same one each time (its router stays bound to it): one loop runs
-    in a thread for the whole test session."""
+    """A Shard deployment's info() through a handle (shard_call)."""
+    return shard_call(deployment, "info", app=app, timeout_s=timeout_s)
+
+
+def shard_call(deployment: str, method: str, *args, app: str = "imsearch-index", timeout_s: float = 10):
+    """A Shard deployment's `method(*args)` through a handle. Serve's throughput mode wants handle
+    calls made from an event loop, the same one each time (its router stays bound to it): one loop
+    runs in a thread for the whole test session."""
     import asyncio
     import threading
 
@@ -99,7 +104,7 @@ def shard_info(deployment: str, app: str = "imsearch-index", timeout_s: float = 
 
     async def ask():
         handle = serve.get_deployment_handle(deployment, app_name=app)
-        return await asyncio.wait_for(handle.info.remote(), timeout_s)
+        return await asyncio.wait_for(getattr(handle, method).remote(*args), timeout_s)
 
     return asyncio.run_coroutine_threadsafe(ask(), _HANDLE_LOOP).result(timeout_s + 5)
 

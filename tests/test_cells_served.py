@@ -14,7 +14,7 @@ from indexing.manifest import read_manifest
 from indexing.merge import merge_topk
 from indexing.rebalance import rebalance
 from indexing.shards import add_to_shard, read_index, search_shard
-from tests.conftest import WRITE_TOKEN, side_apps
+from tests.conftest import WRITE_TOKEN, shard_call, side_apps
 from tests.images import picture
 
 AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
@@ -117,3 +117,63 @@ def test_cell_placement_served_end_to_end(cells_service):
     for nprobe in (1, 4, 16):
         want = merge_topk([search_shard(whole, queries, 10, nprobe, exclude=np.array([flagged]))], 10)[1]
         assert served(c, queries, nprobe) == found(want)
+
+
+def test_an_id_moved_between_shards_keeps_its_flags_and_one_copy(cells_service):
+    """Flags belong to the id: a private image replaced by pixels whose cell is on another shard
+    stays private there. Concurrent PUT/PATCH/DELETE of the same ids leave each id on one shard
+    at most, and an id made private is never returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, index_dir, _, _ = cells_service
+    c = httpx.Client(base_url=url, timeout=60)
+    stats = c.get("/stats").json()  # version 1, or 2 after the rebalance test
+    m, app = read_manifest(index_dir, stats["version"]), stats["index_app"]
+    routing = CellRouting.open(index_dir, m.template, m.cell_table, m.nprobe)
+
+    def vector_of(seed: int) -> np.ndarray:
+        r = c.post("/embed?index=true", content=picture(seed), headers={"content-type": "image/jpeg"})
+        return np.asarray(r.json()["vector"], np.float32)
+
+    def copies(id_: int) -> list[dict]:
+        return [meta for s in range(m.num_shards)
+                if (meta := shard_call(f"Shard{s:03d}", "get", id_, app=app)) is not None]
+
+    vectors = {seed: vector_of(seed) for seed in range(500, 530)}
+    home = {seed: routing.shard_of_vector(v) for seed, v in vectors.items()}
+    a = 500
+    b = next(s for s in vectors if home[s] != home[a])
+    assert c.put("/images/777", content=picture(a), headers=JPEG).status_code == 201
+    assert c.patch("/images/777", json={"private": True}, headers=AUTH).status_code == 200
+    assert c.put("/images/777", content=picture(b), headers=JPEG).status_code == 200  # moves to b's shard
+    assert c.get("/images/777").status_code == 404 and c.get("/images/777", headers=AUTH).json()["private"]
+    assert [meta["private"] for meta in copies(777)] == [True]
+    assert 777 not in served(c, vectors[b][None], 64)[0]
+
+    ids, seeds = [881, 882, 883], sorted(vectors)
+    rng = np.random.default_rng(5)
+    ops = [(int(i), str(op), int(seed)) for i in ids for op, seed in
+           zip(rng.choice(["put", "put", "patch"], 12), rng.choice(seeds, 12))]
+    rng.shuffle(ops)
+
+    def run(op):
+        id_, kind, seed = op
+        with httpx.Client(base_url=url, timeout=60) as w:
+            if kind == "put":
+                return w.put(f"/images/{id_}", content=picture(seed), headers=JPEG).status_code
+            return w.patch(f"/images/{id_}", json={"private": True}, headers=AUTH).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(run, ops)) <= {200, 201, 404}
+    for id_ in ids:
+        assert len(copies(id_)) == 1, id_
+    assert c.patch("/images/881", json={"private": True}, headers=AUTH).status_code == 200
+    with ThreadPoolExecutor(4) as pool:  # the private id moves around under concurrent replacements
+        list(pool.map(run, [(881, "put", int(seed)) for seed in rng.choice(seeds, 8)]))
+    assert [meta["private"] for meta in copies(881)] == [True]
+    for seed in seeds:
+        assert 881 not in served(c, vectors[seed][None], 64)[0]
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda i: c.delete(f"/images/{i}", headers=AUTH).status_code, ids + ids + [777]))
+    assert sorted(statuses).count(200) == 4 and all(copies(i) == [] for i in ids + [777])
+
