@@ -155,9 +155,6 @@ class KeyedLocks:
             else:
                 self._locks[key] = (lock, users - 1)
 
-    def __len__(self) -> int:
-        return len(self._locks)
-
 
 async def within(response: Any, timeout_s: float, *, keep_running: bool = False) -> Any:
     """Await a call (a coroutine or a Serve DeploymentResponse) for at most timeout_s; raises

@@ -86,8 +86,9 @@ def read_records_since(index_dir: str, manifest: Manifest, shard_no: int, positi
     the records are read under: a write is either among the records returned or refused, never
     acknowledged and missed (the fence of a version switch).
 
-    Compaction keeps the previous generation's log, so a position one generation old still works;
-    an older one raises, because those records now exist only inside a snapshot."""
+    Compaction keeps the previous generation's log, and every log since the position a newer
+    version's `replay_from` names (a pending catch-up); a position whose logs are gone all the
+    same raises, before anything is sealed."""
     with _locked_state(index_dir, manifest, shard_no) as (stem, state):
         current = state["generation"]
         generation, offset = position

@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from configs.schema import load_config
-from deployments.pipeline import Hits, Query, Router, ShardsUnavailable, once_more, rank, run_batch
+from deployments.pipeline import Hits, KeyedLocks, Query, Router, ShardsUnavailable, once_more, rank, run_batch
 from indexing import ShardedIndex
 from indexing.build import build_from_vectors
 from indexing.live import LiveShard
@@ -88,6 +88,24 @@ def test_a_nested_json_vector_is_a_422():
         with pytest.raises(ApiError) as e:
             parse_vector_request(orjson.dumps(body), "application/json", 32, 8)
         assert e.value.status == 422 and e.value.code == "invalid_vector"
+
+
+def test_writes_of_one_id_go_one_at_a_time_and_others_side_by_side():
+    locks, order = KeyedLocks(), []
+
+    async def write(key: int, tag: str):
+        async with locks.hold(key):
+            order.append(("in", tag))
+            await asyncio.sleep(0.01)
+            order.append(("out", tag))
+
+    async def main():
+        await asyncio.gather(write(1, "a"), write(1, "b"), write(2, "c"))
+
+    asyncio.run(main())
+    assert order.index(("out", "a")) < order.index(("in", "b"))  # one id: one at a time
+    assert order.index(("in", "c")) < order.index(("out", "a"))  # another id: side by side
+    assert not locks._locks  # nothing kept for ids no one writes
 
 
 def test_slow_shard_is_left_out_and_none_means_unavailable(built):
