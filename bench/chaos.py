@@ -322,7 +322,8 @@ def run_chaos(work: str, minutes: float, seed: int, replicas: int, port: int = 8
                 t0 = time.time()
                 live = deployed_config()
                 index_app = next(a for a in live["applications"] if a["name"] == "imsearch-index")
-                index_app["args"]["overrides"]["serve"]["compact_after_bytes"] = (compact_after_bytes or 16 * 1024 * 1024) * 2
+                twice = (compact_after_bytes or 16 * 1024 * 1024) * 2  # a changed knob, still small when forced small
+                index_app["args"]["overrides"]["serve"]["compact_after_bytes"] = twice
                 deploy_config(live)
                 time.sleep(2)
                 wait_running("imsearch-index", 300)

@@ -123,7 +123,7 @@ def frames(log_path: str, offset: int) -> Iterator[tuple[Optional[Record], int, 
     """(record, offset just past it, its header) for each frame after byte `offset`; the record
     is None (and the header empty) for a frame or bytes that are skipped. A reader records its
     position only once it has applied the record, so a failure in between never loses one; and
-    with the header it can tell later whether the bytes it applied are still there (`holds`).
+    with the header it can tell later whether the bytes it applied are still there.
 
     Stops before a frame that runs past the end of the file (still being written, or torn by a
     crash). A frame with an intact header but a wrong payload checksum is skipped by its length;
@@ -158,18 +158,6 @@ def frames(log_path: str, offset: int) -> Iterator[tuple[Optional[Record], int, 
         payload = data[pos + head : end]
         yield (Record.decode(payload) if zlib.crc32(payload) == crc else None), offset + end, data[pos : pos + head]
         pos = end
-
-
-def holds(log_path: str, start: int, head: bytes) -> bool:
-    """Whether the log still holds, at byte `start`, the frame whose header a reader applied. A
-    writer whose fsync failed cuts its frame back, and the next write lands in its place: a
-    replica that read the failed frame in between finds another header (or none) there."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(start)
-            return f.read(len(head)) == head
-    except FileNotFoundError:
-        return False
 
 
 def read_from(log_path: str, offset: int) -> tuple[list[Record], int]:

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, {"train": {"epochs": args.epochs}} if args.epochs else None)
-        load_sources(args.images, args.labels, args.pairs, cfg)  # before torch and Ray load: a typo costs a second
+        data = load_sources(args.images, args.labels, args.pairs, cfg)  # before torch and Ray: a typo costs a second
     except (ConfigError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
         ray.init(address=args.address)
     try:
-        summary = run_training(args.images, args.out, cfg, args.labels, args.pairs, args.resume)
+        summary = run_training(args.images, args.out, cfg, args.labels, args.pairs, args.resume, data)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

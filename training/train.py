@@ -259,8 +259,9 @@ def train_loop(config: dict) -> None:
 # ------------------------------------------------------------------------------------ the driver
 
 def run_training(images: str, out: str, cfg: AppConfig, labels: Optional[str] = None, pairs: Optional[str] = None,
-                 resume: bool = False) -> dict:
-    """Train, export `OUT/model.pt`, evaluate pretrained vs trained on the held-out images."""
+                 resume: bool = False, data: Optional[TrainData] = None) -> dict:
+    """Train, export `OUT/model.pt`, evaluate pretrained vs trained on the held-out images. `data`:
+    the sources as `load_sources` read them already (the CLI checks them before torch loads)."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -273,7 +274,7 @@ def run_training(images: str, out: str, cfg: AppConfig, labels: Optional[str] = 
         raise TrainError(f"model.weights {cfg.model.weights} is a trained export; training starts from a backbone")
     if os.path.isdir(os.path.join(out, RUN_NAME)) and not resume:
         raise TrainError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
-    data = load_sources(images, labels, pairs, cfg)
+    data = data or load_sources(images, labels, pairs, cfg)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     pixels = preload(images, data.paths, source_size(cfg.model.image_size), cfg.decode)
