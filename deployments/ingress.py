@@ -40,6 +40,7 @@ from deployments.pipeline import (
 from indexing.catalog import sha_key
 from indexing.cells import CellRouting
 from indexing.ids import id_from_bytes, id_from_path
+from indexing.idlocks import id_lock
 from indexing.live import SealedError
 from indexing.policy import verified_first
 from indexing.storage import relative_to
@@ -388,9 +389,10 @@ class Ingress:
                 if version.router.cells is None:
                     return await send(version.router.shards_for_id(id_)[0], op, *args)
                 # Under cells an upsert can move an id to another shard: a read of its holders,
-                # then writes to two shards. One write of an id at a time (per Ingress replica),
-                # so two of them cannot both move it and leave two copies.
-                async with self.id_locks.hold(id_):
+                # then writes to two shards. One write of an id at a time, in this replica (a
+                # queue) and across replicas (the id's lock file), so two of them cannot both move
+                # it and leave two copies, nor a flag be set between the read and the move.
+                async with self.id_locks.hold(id_), id_lock(version.info["index_dir"], id_):
                     found = await version.holders(id_, self.cfg.shard_timeout_s)
                     if op != "upsert":  # a delete or a flag reaches every copy, even a stray one
                         for holder, _ in found:

@@ -36,7 +36,7 @@ def cells_service(ray_session, service, tmp_path_factory):
     x = Embedder(cfg.model).embed_bytes([picture(10_000 + i) for i in range(PICTURES)]).astype(np.float32)
     ids = np.arange(len(x), dtype=np.int64) * 5 + 3
     build_from_vectors(x, ids, index_dir, cfg, 4, "IVF32,Flat")
-    for url in side_apps(service, "cl", index_dir, config=str(small)):
+    for url in side_apps(service, "cl", index_dir, ingress_replicas=2, config=str(small)):
         yield url, index_dir, ids, x
 
 
@@ -121,8 +121,8 @@ def test_cell_placement_served_end_to_end(cells_service):
 
 def test_an_id_moved_between_shards_keeps_its_flags_and_one_copy(cells_service):
     """Flags belong to the id: a private image replaced by pixels whose cell is on another shard
-    stays private there. Concurrent PUT/PATCH/DELETE of the same ids leave each id on one shard
-    at most, and an id made private is never returned."""
+    stays private there. Concurrent PUT/PATCH/DELETE of the same ids, through two Ingress
+    replicas, leave each id on one shard at most, and an id made private is never returned."""
     from concurrent.futures import ThreadPoolExecutor
 
     url, index_dir, _, _ = cells_service
@@ -176,4 +176,12 @@ def test_an_id_moved_between_shards_keeps_its_flags_and_one_copy(cells_service):
     with ThreadPoolExecutor(4) as pool:
         statuses = list(pool.map(lambda i: c.delete(f"/images/{i}", headers=AUTH).status_code, ids + ids + [777]))
     assert sorted(statuses).count(200) == 4 and all(copies(i) == [] for i in ids + [777])
+
+    # Two Ingress replicas: a flag set through one while the other moves the id still holds.
+    raced = list(range(2_000_000, 2_000_048))  # not in the corpus
+    for id_ in raced:
+        assert c.put(f"/images/{id_}", content=picture(a), headers=JPEG).status_code == 201
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(run, [op for id_ in raced for op in ((id_, "put", b), (id_, "patch", 0))]))
+    assert {id_: [meta["private"] for meta in copies(id_)] for id_ in raced} == {id_: [True] for id_ in raced}
 

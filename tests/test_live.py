@@ -360,3 +360,52 @@ def test_a_mapped_snapshot_plus_writes_searches_like_one_index(ray_session, tmp_
         np.testing.assert_array_equal(after["I"], before["I"])
         np.testing.assert_allclose(after["D"], before["D"], rtol=1e-5, atol=1e-6)
         assert replica.ntotal == 600 and replica.get(5)["uri"] == "re" and replica.get(7) is None
+
+
+def _hold_id_lock(index_dir: str, id_: int, held, release) -> None:
+    """In another process: take an id's lock, say so, keep it until told to let go."""
+    import asyncio
+
+    from indexing.idlocks import id_lock
+
+    async def main():
+        async with id_lock(index_dir, id_):
+            held.set()
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+
+
+def test_an_id_lock_excludes_other_processes_and_frees_on_exit(tmp_path):
+    """Two Ingress replicas are two processes: the id's lock file orders their writes of one id
+    and lets writes of an id in another slot through."""
+    import asyncio
+    import multiprocessing
+
+    from indexing.idlocks import SLOTS, id_lock
+
+    ctx = multiprocessing.get_context("spawn")
+    held, release = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=_hold_id_lock, args=(str(tmp_path), 7, held, release))
+    other.start()
+    try:
+        assert held.wait(60)
+
+        async def try_lock(id_: int, wait_s: float) -> bool:
+            try:
+                async with asyncio.timeout(wait_s):
+                    async with id_lock(str(tmp_path), id_):
+                        return True
+            except TimeoutError:
+                return False
+
+        assert not asyncio.run(try_lock(7, 0.3))  # held by the other process
+        assert not asyncio.run(try_lock(7 + SLOTS, 0.1))  # same slot
+        assert asyncio.run(try_lock(8, 1))  # another slot
+        release.set()
+        other.join(30)
+        assert asyncio.run(try_lock(7, 5))  # freed when the holder let go
+    finally:
+        release.set()
+        other.join(30)
