@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INDEX_DIR ?= data/demo-index
+PORT ?= 8000
 DEMO_IMAGES ?= data/demo-images
 # The FAISS build: gpu where nvidia-smi finds a GPU, else cpu (override: make run FAISS=cpu).
 FAISS ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
@@ -22,10 +23,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Build the demo index only when it is missing, then serve it in the foreground.
+# Serve in the foreground: the demo index (built when missing), or with IMAGES=FOLDER the index of
+# your own photos (built when missing or when the folder changed; in data/indexes/ unless INDEX_DIR).
 run: $(STAMP)
+ifdef IMAGES
+	$(PY) -m deployments run --images "$(IMAGES)" --port $(PORT) $(if $(filter command line environment,$(origin INDEX_DIR)),--index-dir "$(INDEX_DIR)")
+else
 	@test -f $(INDEX_DIR)/manifest.json || $(MAKE) demo-index
-	$(PY) -m deployments run --index-dir $(INDEX_DIR)
+	$(PY) -m deployments run --index-dir $(INDEX_DIR) --port $(PORT)
+endif
 
 demo-index: $(STAMP)
 	$(PY) -m indexing demo-images --out $(DEMO_IMAGES)

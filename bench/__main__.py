@@ -4,8 +4,8 @@
   search     recall@10 vs QPS: service HTTP, ShardedIndex, plain FAISS, Milvus Lite, Qdrant, LanceDB;
              then HTTP at concurrency 1/8/32: service, one-process uvicorn+FAISS, Chroma server
   levers     each Ray Serve fast path on and off, each in a fresh Ray, on the same vectors
-  embedding  images/s: Embedder deployment over HTTP and through a handle vs a plain torch loop
-  indexing   images/s: `python -m indexing build` end to end vs a single-process loop
+  embedding  images/s: Embedder deployment over HTTP and through a handle vs plain loops, torch and ONNX
+  indexing   images/s: `python -m indexing build` end to end vs single-process loops, torch and ONNX
   load       p50/p99 of image and vector queries at rising concurrency, with the saturation point
   memory     resident bytes per vector of a shard replica vs the code size of the factory
   routing    shards a query visits under hash vs cell placement, at 8/64/384 simulated shards, on the
@@ -43,18 +43,23 @@ class Service:
     def __init__(self, port: int):
         self.port, self.url = port, None
 
-    def serve(self, index_dir: str) -> str:
+    def serve(self, index_dir: str, config: str | None = None) -> str:
         import httpx
 
         from deployments.__main__ import DEFAULT_SERVE_CONFIG, deploy, load_serve_config
 
-        self.url = deploy(load_serve_config(str(DEFAULT_SERVE_CONFIG), index_dir, None, self.port))
-        deadline = time.time() + 600
-        while time.time() < deadline:  # until the new index answers, not the one it replaces
+        from ray import serve
+
+        t0 = time.time()
+        self.url = deploy(load_serve_config(str(DEFAULT_SERVE_CONFIG), index_dir, config, self.port))
+        deadline = t0 + 600
+        while time.time() < deadline:  # until this deploy runs and answers, not the one it replaces
+            app = serve.status().applications.get("imsearch")
             try:
-                s = httpx.get(f"{self.url}/stats", timeout=10).json()
-                if s.get("index_dir") == os.path.abspath(index_dir) and s.get("total") is not None:
-                    return self.url
+                if app and app.status == "RUNNING" and app.last_deployed_time_s >= t0 - 1:
+                    s = httpx.get(f"{self.url}/stats", timeout=10).json()
+                    if s.get("index_dir") == os.path.abspath(index_dir) and s.get("total") is not None:
+                        return self.url
             except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(1)
@@ -85,24 +90,26 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
     if "indexing" in verbs or "embedding" in verbs or "load" in verbs:
         from bench.indexing_speed import bench_indexing
 
-        rows, real_index = bench_indexing(images, work, size["index_images"])
+        results["indexing"], real_index = bench_indexing(images, work, size["index_images"])
         if "indexing" in verbs:
-            results["indexing"] = rows
             progress.update()
-    if "embedding" in verbs or "load" in verbs:
+    if "embedding" in verbs:
+        from bench.embedding_speed import bench_embedding
+        from bench.load import queries
+
+        def serve_in(runtime: str) -> str:
+            config = os.path.join(work, f"runtime-{runtime}.yaml")  # written by the indexing benchmark
+            return svc.serve(real_index, config)
+
+        _, blobs = queries(real_index, size["embed_images"])
+        results["embedding"] = bench_embedding(blobs, serve_in)
+        progress.update()
+    if "load" in verbs:
+        from bench.load import bench_load
+
         url = svc.serve(real_index)
-        if "embedding" in verbs:
-            from bench.embedding_speed import bench_embedding
-            from bench.load import queries
-
-            _, blobs = queries(real_index, size["embed_images"])
-            results["embedding"] = bench_embedding(blobs, url)
-            progress.update()
-        if "load" in verbs:
-            from bench.load import bench_load
-
-            results["load"] = bench_load(real_index, url, quick)
-            progress.update()
+        results["load"] = bench_load(real_index, url, quick)
+        progress.update()
     if "memory" in verbs:
         from bench.memory import bench_memory
 

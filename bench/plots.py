@@ -6,7 +6,7 @@ import os
 from bench.common import markdown_table
 
 COLUMNS = {
-    "indexing": ["path", "images", "seconds", "images_per_s", "vs_single_process"],
+    "indexing": ["path", "images", "seconds", "images_per_s", "vs_torch_loop"],
     "embedding": ["path", "images", "errors", "images_per_s", "vs_torch_loop", "p50_ms", "p99_ms"],
     "load": ["mode", "concurrency", "requests", "errors", "p50_ms", "p99_ms", "qps", "saturation", "stopped"],
     "memory": ["factory", "impl", "vectors", "dim", "code_plus_id_bytes", "ready_s", "load_anon_mb", "load_file_mb",

@@ -20,19 +20,15 @@ class Embedder:
 
     def __init__(self, model: dict, decode: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
                  threads: Optional[int] = None, max_concurrent_decodes: int = 4):
-        import torch
-
         from embedding.embedder import Embedder as Model
 
-        self.model = Model(ModelConfig(**model), DecodeConfig(**decode))
+        # Ray pins OMP_NUM_THREADS to the replica's fractional CPU reservation (1 thread); a CPU
+        # embedder is the one stage that needs the whole host to keep up with the shards.
+        self.model = Model(ModelConfig(**model), DecodeConfig(**decode), threads=threads or os.cpu_count() or 1)
         # Each decode may hold up to decode.max_pixels x 3 bytes (and a copy while converting):
         # a bound on how many run at once is a bound on the replica's memory.
         self.decodes = asyncio.Semaphore(max_concurrent_decodes)
         self.metrics = EmbedderMetrics()
-        if self.model.device.type == "cpu":
-            # Ray pins OMP_NUM_THREADS to the replica's fractional CPU reservation (1 thread); a CPU
-            # embedder is the one stage that needs the whole host to keep up with the shards.
-            torch.set_num_threads(threads or os.cpu_count() or 1)
         self.reconfigure({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
 
     def reconfigure(self, user_config: dict) -> None:

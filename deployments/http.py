@@ -253,8 +253,8 @@ def parse_uri(raw: Optional[str], schemes: list[str], roots: list[str]) -> str:
     if scheme or raw.startswith("/"):
         if is_under(raw, roots):
             return raw
-        raise ApiError(422, "invalid_uri", "an absolute uri must lie under the folders the index was built from "
-                       "or serve.uri_roots")
+        raise ApiError(422, "invalid_uri", "an absolute uri must lie under the folders the index was built from, "
+                       "serve.uri_roots, or a folder the operator allowed with `python -m deployments allow FOLDER`")
     if ".." in raw.replace("\\", "/").split("/"):
         raise ApiError(422, "invalid_uri", "a relative uri may not contain '..'")
     return raw

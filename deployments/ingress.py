@@ -64,6 +64,8 @@ class Routing(BaseModel):
     model_config = ConfigDict(extra="forbid")
     index_app: str = Field(min_length=1, description="name of the Serve application serving the index version")
     writes_paused: bool = Field(False, description="answer writes with 503 + Retry-After (during a version switch)")
+    uri_roots: list[str] = Field([], description="folders an operator allowed while the service runs "
+                                 "(`python -m deployments allow`), besides serve.uri_roots")
 
 
 @dataclass
@@ -321,7 +323,7 @@ class Ingress:
         ranked = [h for h in ranked if h["id"] not in meta or meta[h["id"]][1] != own]
         head = ranked[: self.cfg.verify_top]
         candidates = [{"id": h["id"], "uri": h["uri"], "sha64": meta[h["id"]][1]} for h in head if h["id"] in meta]
-        roots = (await self._index()).info.get("sources", [])
+        roots = await self._readable_roots()
         t0 = time.perf_counter()
         try:
             # The Verifier stops itself a little before the deadline, so its partial answer arrives.
@@ -414,9 +416,15 @@ class Ingress:
         finally:
             self.writes_in_flight -= 1
 
-    async def _writer_uri(self, request: Request) -> str:
+    async def _readable_roots(self) -> list[str]:
+        """Folders whose files the service reads (thumbnails, verification) and a writer's ?uri=
+        may name: those the index was built from and those the operator allowed, in the config
+        or while it runs. Any other file stays unread, whatever a writer claims."""
         info = (await self._index()).info
-        return parse_uri(request.query_params.get("uri"), self.cfg.uri_schemes, self.cfg.uri_roots + info.get("sources", []))
+        return self.cfg.uri_roots + self.routing.uri_roots + info.get("sources", [])
+
+    async def _writer_uri(self, request: Request) -> str:
+        return parse_uri(request.query_params.get("uri"), self.cfg.uri_schemes, await self._readable_roots())
 
     async def _upsert(self, id_: int, vector, uri: str, data: bytes, phash, **extra) -> Response:
         existed = await self._write("upsert", id_, vector, uri, hashlib.sha256(data).hexdigest(), None, None, phash,
@@ -475,7 +483,7 @@ class Ingress:
 
     async def thumbnail(self, request: Request) -> Response:
         """A JPEG of an indexed image, made from the file at its catalog uri when that lies under
-        a folder the index was built from. Revalidated with its ETag (the image's sha256 and the
+        a folder the service may read (`_readable_roots`). Revalidated with its ETag (the image's sha256 and the
         size); 404 for unknown, private and unsafe images alike."""
         self._authorize_read(request)
         id_ = parse_image_id(request.path_params["id"])
@@ -492,7 +500,7 @@ class Ingress:
         key = (meta["uri"], meta["sha256"], size)
         data = self.thumbnails.get(key)
         if data is None:
-            make = (thumbnails.make_thumbnail, meta["uri"], version.info.get("sources", []), size)
+            make = (thumbnails.make_thumbnail, meta["uri"], await self._readable_roots(), size)
             try:
                 async with self.thumbnail_slots:
                     data = await asyncio.to_thread(*make, sha256=meta["sha256"], max_bytes=self.decode.max_bytes,

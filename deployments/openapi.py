@@ -13,6 +13,8 @@ ERROR = {
 }
 HIT = {"type": "object", "required": ["id", "score", "uri"],
        "properties": {"id": {"type": "integer"}, "score": {"type": "number", "nullable": True}, "uri": {"type": "string"},
+                      "same_photo": {"type": "boolean", "description": "present and true on a verified copy of the "
+                                     "query: local features matched, so it comes before higher-scored results"},
                       "inliers": {"type": "integer", "description": "RANSAC inliers of a verified copy of the query"},
                       "coverage": {"type": "number", "description": "share of the query's area its inliers span "
                                    "(verified copies: the source of the query explains all of it)"}}}
@@ -127,7 +129,7 @@ def document() -> dict:
             },
             "/images/{id}/thumbnail": {"get": {
                 "summary": "A JPEG thumbnail of an indexed image (404 for unknown, private or unsafe ones, and for "
-                           "images whose file is not under a folder the index was built from)",
+                           "images whose file is not under a folder the service may read)",
                 "security": BEARER + [{}], "parameters": [ID, _query("size", {"type": "integer", "minimum": 32,
                                                                               "maximum": 1024}, "longer side in pixels (default 256)")],
                 "responses": {"200": {"description": "the thumbnail; revalidate with If-None-Match",

@@ -72,15 +72,20 @@ def wait_gone(app: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def wait_routing(front: str, want: dict, timeout_s: float, probes: int = 8) -> None:
-    """Until `probes` calls in a row find the Ingress applying `want` with no write in flight.
+def wait_routing(front: str, want: dict, timeout_s: float, probes: int = 8, idle: bool = True) -> None:
+    """Until `probes` calls in a row find the Ingress applying `want` (and, when `idle`, with no
+    write in flight).
 
     Calls are spread over Ingress replicas by Serve's router; with many replicas raise `probes`."""
     ingress = serve.get_deployment_handle("Ingress", app_name=front)
+    try:  # blocking calls from a driver: its router in a loop of its own, whatever the fast path says
+        ingress._init(_run_router_in_separate_loop=True)
+    except RuntimeError:  # already initialised in this process: used as it is
+        pass
     deadline, ok = time.time() + timeout_s, 0
     while time.time() < deadline:
         got = ingress.current_routing.remote().result(timeout_s=10)
-        applied = all(got[k] == v for k, v in want.items()) and got["writes_in_flight"] == 0
+        applied = all(got[k] == v for k, v in want.items()) and not (idle and got["writes_in_flight"])
         ok = ok + 1 if applied else 0
         if ok >= probes:
             return
@@ -88,7 +93,8 @@ def wait_routing(front: str, want: dict, timeout_s: float, probes: int = 8) -> N
     raise SwitchError(f"the Ingress of {front} did not apply {want} in {timeout_s:.0f} s")
 
 
-def _ingress(app_cfg: dict) -> dict:
+def ingress_config(app_cfg: dict) -> dict:
+    """The Ingress deployment's entry in an application's config (added when absent)."""
     for d in app_cfg.setdefault("deployments", []):
         if d["name"] == "Ingress":
             return d
@@ -103,7 +109,7 @@ def switch(front: str = "imsearch", version: Optional[int] = None, timeout_s: fl
     apps = {a["name"]: a for a in cfg["applications"]}
     if front not in apps:
         raise SwitchError(f"no application {front!r} is deployed (deployed: {sorted(apps)})")
-    routing = dict(_ingress(apps[front]).get("user_config") or {})
+    routing = dict(ingress_config(apps[front]).get("user_config") or {})
     old_app = routing.get("index_app")
     if old_app not in apps:
         raise SwitchError(f"{front}'s Ingress names index application {old_app!r}, which is not deployed")
@@ -128,7 +134,7 @@ def switch(front: str = "imsearch", version: Optional[int] = None, timeout_s: fl
     wait_running(new_app, timeout_s)
     LOG.info("%s is running version %d (%.1f s)", new_app, target.version, time.time() - t0)
 
-    ingress = _ingress(next(a for a in cfg["applications"] if a["name"] == front))
+    ingress = ingress_config(next(a for a in cfg["applications"] if a["name"] == front))
     t_pause = time.time()
     try:
         ingress["user_config"] = {**routing, "writes_paused": True}

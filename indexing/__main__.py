@@ -63,8 +63,9 @@ def _cmd_ingest(args) -> int:
         raise UsageError(f"cannot talk to the service at {args.url}: {e}") from None
     print(summary.line(), flush=True)
     if summary.collisions:
-        print(f"error: {len(summary.collisions)} files derive the id of an indexed image with other bytes, and were "
-              "not sent: give this folder ids of its own with --prefix NAME, or overwrite with --replace:\n  "
+        print(f"error: {len(summary.collisions)} files under the index's image folders hold other bytes than the "
+              "image indexed under their path, and were not sent: overwrite with --replace, or give this folder "
+              "ids of its own with --prefix NAME:\n  "
               + "\n  ".join(summary.collisions[:20]), file=sys.stderr)
     return 0 if summary.failed == summary.collided == 0 else 1
 
@@ -109,6 +110,7 @@ def _init_ray(address: str | None) -> None:
             ray.init(address=address, logging_level="WARNING")
         else:
             ray.init(num_cpus=os.cpu_count(), logging_level="WARNING", include_dashboard=False)
+    logs.quiet_ray()
 
 
 def main(argv=None) -> int:
@@ -132,8 +134,9 @@ def main(argv=None) -> int:
     g.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
     g.add_argument("--token", help="write token (default: env IMSEARCH_TOKEN, else the first of IMSEARCH_WRITE_TOKENS)")
     g.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    g.add_argument("--prefix", default="", help="namespace for this folder's ids: id = hash(PREFIX/relative path), "
-                   "so files named like indexed ones (another camera's IMG_0001.jpg) get ids of their own")
+    g.add_argument("--prefix", default="", help="name this folder's images by path: id = hash(PREFIX/relative path) "
+                   "(default: a file under the index's image folders gets the build's id of its path, any other "
+                   "an id from its bytes)")
     g.add_argument("--replace", action="store_true",
                    help="overwrite an indexed image whose id a different file here derives (default: report it)")
     g.add_argument("--config", help="YAML config (image file endings)")

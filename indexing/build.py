@@ -45,8 +45,10 @@ class BuildSummary:
 
     def line(self) -> str:
         rate = self.indexed / self.seconds if self.seconds > 0 else 0.0
+        # Unreadable files are named only when there are some: "failed 0" read as a failure.
+        unreadable = f", {self.failed} unreadable (failed.jsonl)" if self.failed else ""
         return (
-            f"indexed {self.indexed} images, failed {self.failed}, in {self.seconds:.1f} s "
+            f"indexed {self.indexed} images{unreadable} in {self.seconds:.1f} s "
             f"({rate:.1f} images/s); {self.manifest.num_shards} shards, factory {self.manifest.factory}, "
             f"version {self.manifest.version}"
         )

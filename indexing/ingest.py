@@ -1,13 +1,17 @@
 """Continuous ingest: send new images under a folder or URI prefix to a running service's write API.
 
-Ids come from paths relative to the root, exactly as in `indexing build`, so an image already
-indexed by a build or an earlier ingest is recognised (GET /images/{id}, same sha256) and skipped.
-A *different* photo under an indexed path is an id collision: reported and left alone, unless
-`prefix` puts this folder's ids in a namespace of their own or `replace` overwrites the indexed one."""
+Ids follow the service's own rule (POST /images): a file under a folder the index was built from
+gets the id the build gives its relative path, so an image already indexed by a build or an
+earlier ingest is recognised (GET /images/{id}, same sha256) and skipped; any other file gets an
+id from its bytes, so two folders whose file names repeat (two cameras, two exports) never
+collide, and the same photo sent twice is one image. A *different* photo under an indexed path
+is an id collision: reported and left alone, unless `replace` overwrites the indexed one.
+`prefix` instead names every file by `prefix/relative path` (ids of a namespace of one's own)."""
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +21,7 @@ import httpx
 from configs.progress import Progress
 from indexing import storage
 from indexing.build import assign_ids
+from indexing.ids import id_from_bytes, id_from_path
 
 LOG = logging.getLogger(__name__)
 
@@ -33,26 +38,43 @@ class IngestSummary:
 
     def line(self) -> str:
         rate = (self.added + self.replaced) / self.seconds if self.seconds else 0.0
-        replaced = f"replaced {self.replaced}, " if self.replaced else ""
-        return (f"added {self.added} images, {replaced}skipped {self.skipped} already present, "
-                f"{self.collided} id collisions, failed {self.failed}, in {self.seconds:.1f} s ({rate:.1f} images/s)")
+        # Collisions and refusals are named only when there are some: "failed 0" read as a failure.
+        extra = [f"replaced {self.replaced}"] if self.replaced else []
+        extra += [f"{self.collided} id collisions"] if self.collided else []
+        extra += [f"{self.failed} refused (above)"] if self.failed else []
+        return (f"added {self.added} images, skipped {self.skipped} already present, "
+                + "".join(f"{e}, " for e in extra) + f"in {self.seconds:.1f} s ({rate:.1f} images/s)")
 
 
 def ingest(images: str, url: str, token: str, extensions: tuple[str, ...], concurrency: int = 4,
            prefix: str = "", replace: bool = False) -> IngestSummary:
-    """PUT every image under `images` whose id the service does not hold yet (ids from
-    `prefix/relative path`), or holds with other bytes when `replace`."""
+    """PUT every image under `images` that the service does not hold yet, or holds with other
+    bytes when `replace` (ids as the module docstring says)."""
     t0 = time.time()
+    if storage.is_local(images):  # the service checks a uri against absolute folders
+        images = os.path.abspath(os.path.expanduser(images))
     listed = list(storage.list_files(images, extensions))
     prefix = prefix.strip("/")
-    ids = assign_ids([f"{prefix}/{rel}" if prefix else rel for _, rel in listed])
+    path_ids = assign_ids([f"{prefix}/{rel}" for _, rel in listed]).tolist() if prefix else None
     summary = IngestSummary()
     headers = {"authorization": f"Bearer {token}"}
     with httpx.Client(base_url=url.rstrip("/"), timeout=120, headers=headers) as client:
+        r = client.get("/stats")
+        if r.status_code in (401, 403):
+            raise PermissionError(f"the service refused the token: {r.text[:200]}")
+        r.raise_for_status()
+        sources = r.json().get("sources", [])
 
-        def one(item) -> str:
-            (uri, rel), id_ = item
+        def id_of(uri: str, data: bytes, i: int) -> int:
+            if path_ids is not None:
+                return path_ids[i]
+            rel = storage.relative_to(uri, sources)
+            return id_from_path(rel) if rel not in (None, ".") else id_from_bytes(data)
+
+        def one(i: int) -> str:
+            uri, rel = listed[i]
             data = storage.read_bytes(uri)
+            id_ = id_of(uri, data, i)
             r = client.get(f"/images/{id_}")
             held = r.status_code == 200
             if held and r.json()["sha256"] == hashlib.sha256(data).hexdigest():
@@ -69,12 +91,13 @@ def ingest(images: str, url: str, token: str, extensions: tuple[str, ...], concu
                 raise PermissionError(f"the service refused the write token: {r.text[:200]}")
             if r.status_code == 422 and r.json().get("error", {}).get("code") == "invalid_uri":
                 # Every file of this folder would be refused the same way: say how to allow it.
-                raise ValueError(f"the service refuses uris under {images}: {r.json()['error']['message']} "
-                                 f"(add {images} to serve.uri_roots of the service's config)")
+                raise ValueError(f"the service may not read files under {images}: let it, as its operator, with "
+                                 f"`python -m deployments allow {images}` (or add the folder to serve.uri_roots "
+                                 "of its config), then ingest again")
             return "failed"
 
         with ThreadPoolExecutor(concurrency) as pool, Progress("ingest", len(listed), "images", summary=False) as bar:
-            for outcome in pool.map(one, zip(listed, ids.tolist())):
+            for outcome in pool.map(one, range(len(listed))):
                 setattr(summary, outcome, getattr(summary, outcome) + 1)
                 bar.update()
     summary.seconds = time.time() - t0

@@ -72,7 +72,8 @@ def rank_results(
 
 def verified_first(results: list[dict], found: dict, min_inliers: int) -> list[dict]:
     """Results whose geometric verification found at least `min_inliers` inliers (a copy of the
-    query, however edited) move to the top, carrying `inliers` and `coverage`; the others keep
+    query, however edited) move to the top, carrying `same_photo` (the reason they outrank higher
+    scores), `inliers` and `coverage`; the others keep
     their order below them. `found` maps a result id to its (inliers, coverage). Among verified
     copies the one that explains the most of the query comes first (coverage in tenths, then
     inliers): a crop of the original can share as many keypoints with the query as the original
@@ -81,5 +82,5 @@ def verified_first(results: list[dict], found: dict, min_inliers: int) -> list[d
     verified = [r for r in results if found.get(r["id"], (0, 0.0))[0] >= min_inliers]
     verified.sort(key=lambda r: (-round(found[r["id"]][1], 1), -found[r["id"]][0]))
     chosen = {r["id"] for r in verified}
-    return [{**r, "inliers": found[r["id"]][0], "coverage": found[r["id"]][1]} for r in verified] + \
+    return [{**r, "same_photo": True, "inliers": found[r["id"]][0], "coverage": found[r["id"]][1]} for r in verified] + \
         [r for r in results if r["id"] not in chosen]

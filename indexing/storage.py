@@ -104,12 +104,13 @@ def _local(uri: str) -> str:
 
 
 def read_source(uri: str, roots: list[str], matches: Optional[Callable[[bytes], bool]] = None) -> bytes:
-    """The bytes of an indexed image, read only from the folders the index was built from (never
-    from wherever a writer's `uri` points) and, given `matches`, only while they are still the
+    """The bytes of an indexed image, read only from `roots`, the folders the operator lets the
+    service read (never from wherever a writer's `uri` points) and, given `matches`, only while they are still the
     indexed bytes. Raises SourceUnavailable."""
     path = source_path(uri, roots)
     if path is None:
-        raise SourceUnavailable("the image's uri is not under a folder the index was built from")
+        raise SourceUnavailable("the image's uri is not under a folder the service may read (the index's image "
+                                "folders, serve.uri_roots, or one allowed with `python -m deployments allow`)")
     try:
         data = read_bytes(path)
     except OSError as e:

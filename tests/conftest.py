@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Optional
 
 import numpy as np
@@ -229,3 +230,37 @@ def side_apps(service: str, name: str, index_dir: str, ingress_replicas: int = 1
     cfg["applications"] = [a for a in cfg["applications"] if not a["name"].startswith(name)]
     deploy_config(cfg)
     wait_gone(name, 60)
+
+
+# ---------------------------------------------------------------------- a real browser
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        reason = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; .ci/run installs them")
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def result_grid(driver):
+    """(ids, all thumbnails loaded?) of the result grid."""
+    return driver.execute_script("""
+        const buttons = [...document.querySelectorAll('#results button')];
+        const imgs = [...document.querySelectorAll('#results img')];
+        return [buttons.map(b => b.dataset.id), imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0)];
+    """)

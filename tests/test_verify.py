@@ -93,7 +93,8 @@ def test_verified_results_move_to_the_top_the_most_of_the_query_explained_first(
     out = verified_first(results, found, min_inliers=8)
     # coverage in tenths first (0.9 ties 0.92), then inliers; unverified keep their order below
     assert [r["id"] for r in out] == [4, 3, 1, 5, 0, 2]
-    assert out[0]["inliers"] == 30 and out[0]["coverage"] == 0.92 and "inliers" not in out[4]
+    assert out[0]["inliers"] == 30 and out[0]["coverage"] == 0.92 and out[0]["same_photo"]
+    assert "inliers" not in out[4] and "same_photo" not in out[4]
     assert verified_first(results, {}, 8) == results
 
 

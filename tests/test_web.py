@@ -2,18 +2,16 @@
 Selenium). The browser test skips only outside CI when Chromium is missing; `.ci/run` installs it."""
 import io
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from indexing.ids import id_from_path
-from tests.conftest import WRITE_TOKEN
+from tests.conftest import WRITE_TOKEN, result_grid
 from tests.images import picture
 
 AUTH = {"authorization": f"Bearer {WRITE_TOKEN}"}
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +65,23 @@ def test_no_thumbnail_for_unknown_private_or_unsafe_images(client, indexed):
     assert client.get(f"/images/{id_}/thumbnail").status_code == 200
 
 
-def test_thumbnails_are_read_only_from_the_indexed_folders(client, tmp_path):
-    """A writer may name a uri under serve.uri_roots (here: every test folder), but a thumbnail is
-    only ever read from the folders the index was built from."""
+def test_thumbnails_are_read_only_from_allowed_folders_and_indexed_bytes(client, tmp_path):
+    """A writer may name a uri under serve.uri_roots (here: every test folder), which the service
+    then reads for a thumbnail; a file swapped after the write is not served, and a uri outside
+    the allowed folders is refused at the write."""
     outside = tmp_path / "outside.jpg"
     outside.write_bytes(picture(901))
     r = client.put("/images/901", content=outside.read_bytes(), params={"uri": str(outside)},
                    headers={**AUTH, "content-type": "image/jpeg"})
     assert r.status_code in (200, 201), r.text
     try:
-        r = client.get("/images/901/thumbnail")
+        assert client.get("/images/901/thumbnail").status_code == 200
+        outside.write_bytes(picture(902))
+        r = client.get("/images/901/thumbnail?size=64")
         assert r.status_code == 404 and r.json()["error"]["code"] == "no_thumbnail"
+        r = client.put("/images/901", content=picture(901), params={"uri": "/etc/passwd"},
+                       headers={**AUTH, "content-type": "image/jpeg"})
+        assert r.status_code == 422 and "deployments allow" in r.json()["error"]["message"]
     finally:
         client.delete("/images/901", headers=AUTH)
 
@@ -85,39 +89,10 @@ def test_thumbnails_are_read_only_from_the_indexed_folders(client, tmp_path):
 # ---------------------------------------------------------------------- in a browser
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        reason = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; .ci/run installs them")
-        pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
-
-
 def _screenshot(driver, name: str, tmp_path: Path) -> None:
     out = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
     out.mkdir(parents=True, exist_ok=True)
     assert driver.save_screenshot(str(out / f"{name}.png"))
-
-
-def _grid(driver):
-    """(ids, all thumbnails loaded?) of the result grid."""
-    return driver.execute_script("""
-        const buttons = [...document.querySelectorAll('#results button')];
-        const imgs = [...document.querySelectorAll('#results img')];
-        return [buttons.map(b => b.dataset.id), imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0)];
-    """)
 
 
 def test_search_in_a_browser(service, browser, indexed, tmp_path):
@@ -132,8 +107,8 @@ def test_search_in_a_browser(service, browser, indexed, tmp_path):
     assert browser.switch_to.active_element.get_attribute("id") == "file"  # the first stop for a keyboard
 
     browser.find_element(By.ID, "file").send_keys(str(path))
-    wait.until(lambda d: _grid(d)[0] and _grid(d)[1])
-    ids, _ = _grid(browser)
+    wait.until(lambda d: result_grid(d)[0] and result_grid(d)[1])
+    ids, _ = result_grid(browser)
     assert ids[0] == str(id_)  # the uploaded photo itself, its 63-bit id intact
     assert "result" in browser.find_element(By.ID, "status").text and " ms" in browser.find_element(By.ID, "status").text
     _screenshot(browser, "results", tmp_path)
@@ -141,7 +116,7 @@ def test_search_in_a_browser(service, browser, indexed, tmp_path):
     # "More like this": a click searches with that result's image, which then comes first.
     clicked = ids[1]
     browser.find_element(By.CSS_SELECTOR, f'#results button[data-id="{clicked}"]').click()
-    wait.until(lambda d: _grid(d)[0] and _grid(d)[0][0] == clicked and _grid(d)[1])
+    wait.until(lambda d: result_grid(d)[0] and result_grid(d)[0][0] == clicked and result_grid(d)[1])
     _screenshot(browser, "more-like-this", tmp_path)
 
     # A phone-width screen: one narrow grid, nothing wider than the screen.
@@ -157,5 +132,5 @@ def test_search_in_a_browser(service, browser, indexed, tmp_path):
     error = browser.find_element(By.ID, "error")
     wait.until(lambda d: error.is_displayed())
     assert "not a recognised image format" in error.text
-    assert not _grid(browser)[0]
+    assert not result_grid(browser)[0]
     _screenshot(browser, "error", tmp_path)

@@ -155,6 +155,8 @@ def test_concurrent_writes_and_reads(client, service):
 
 
 def test_ingest_adds_new_images_once(service, tmp_path, capsys):
+    from indexing.ids import id_from_bytes
+
     for n in range(3):
         (tmp_path / f"new{n}.jpg").write_bytes(picture(7000 + n))
     assert indexing_main(["ingest", "--images", str(tmp_path), "--url", service, "--token", WRITE_TOKEN]) == 0
@@ -163,25 +165,68 @@ def test_ingest_adds_new_images_once(service, tmp_path, capsys):
     assert "added 0 images, skipped 3" in capsys.readouterr().out
     (tmp_path / "new3.jpg").write_bytes(picture(7003))
     assert indexing_main(["ingest", "--images", str(tmp_path), "--url", service, "--token", "bad"]) == 2
-    assert "refused the write token" in capsys.readouterr().err
-    import tempfile
-
-    elsewhere = tempfile.mkdtemp(prefix="not-a-root-")  # outside the index's folders and serve.uri_roots
-    try:
-        (Path(elsewhere) / "x.jpg").write_bytes(picture(7004))
-        assert indexing_main(["ingest", "--images", elsewhere, "--url", service, "--token", WRITE_TOKEN]) == 2
-        assert "serve.uri_roots" in capsys.readouterr().err
-    finally:
-        shutil.rmtree(elsewhere)
-    from indexing.ids import id_from_path
-
+    assert "refused the" in capsys.readouterr().err
     with httpx.Client(base_url=service) as c:
         for n in range(3):
-            assert c.delete(f"/images/{id_from_path(f'new{n}.jpg')}", headers=AUTH).status_code == 200
+            assert c.delete(f"/images/{id_from_bytes(picture(7000 + n))}", headers=AUTH).status_code == 200
+
+
+def test_two_folders_with_the_same_file_names_both_go_in(service, tmp_path, capsys):
+    """Two cameras name their files alike: outside the index's own folders an id comes from the
+    bytes, so the second folder's IMG_0001.jpg is an image of its own, not a collision."""
+    from indexing.ids import id_from_bytes
+
+    for cam, seed in (("cam1", 7500), ("cam2", 7600)):
+        (tmp_path / cam).mkdir()
+        for n in range(2):
+            (tmp_path / cam / f"IMG_000{n}.jpg").write_bytes(picture(seed + n))
+        assert indexing_main(["ingest", "--images", str(tmp_path / cam), "--url", service, "--token", WRITE_TOKEN]) == 0
+        assert "added 2 images" in capsys.readouterr().out
+    with httpx.Client(base_url=service) as c:
+        for seed in (7500, 7501, 7600, 7601):
+            r = c.get(f"/images/{id_from_bytes(picture(seed))}")
+            assert r.status_code == 200 and r.json()["uri"].endswith(".jpg")
+            assert c.delete(f"/images/{id_from_bytes(picture(seed))}", headers=AUTH).status_code == 200
+
+
+def test_a_folder_the_operator_allows_gets_thumbnails_and_verification(service, capsys):
+    """Outside the index's folders and serve.uri_roots an ingest is refused with the operator's
+    command to run; once the operator allows the folder (through Ray, not a write token), its
+    photos have thumbnails and verified searches find them."""
+    import tempfile
+
+    from deployments.allow import allow
+    from indexing.ids import id_from_bytes
+    from tests.images import distinct_images, jpeg
+
+    from PIL import Image
+
+    elsewhere = tempfile.mkdtemp(prefix="not-a-root-")
+    # A mirror image: the model places it beside the indexed original, but its local features
+    # match only itself, so the copy check decides between them.
+    mirrored = distinct_images()["astronaut/q0"].convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    photo = jpeg(mirrored)
+    w, h = mirrored.size
+    edited = jpeg(mirrored.crop((w // 20, h // 20, w - w // 20, h - h // 20)))
+    try:
+        (Path(elsewhere) / "x.jpg").write_bytes(photo)
+        assert indexing_main(["ingest", "--images", elsewhere, "--url", service, "--token", WRITE_TOKEN]) == 2
+        assert f"python -m deployments allow {elsewhere}" in capsys.readouterr().err
+        assert os.path.realpath(elsewhere) in allow("imsearch", [elsewhere])
+        assert indexing_main(["ingest", "--images", elsewhere, "--url", service, "--token", WRITE_TOKEN]) == 0
+        id_ = id_from_bytes(photo)
+        with httpx.Client(base_url=service, timeout=60) as c:
+            assert c.get(f"/images/{id_}/thumbnail").status_code == 200
+            r = c.post("/search?k=5&verify=true", content=edited, headers={"content-type": "image/jpeg"}).json()
+            assert r["verified"] and r["results"][0]["id"] == id_, r
+            assert r["results"][0]["same_photo"] and r["results"][0]["inliers"] >= 8
+            assert c.delete(f"/images/{id_}", headers=AUTH).status_code == 200
+    finally:
+        shutil.rmtree(elsewhere)
 
 
 def test_ingest_takes_the_token_variable_the_service_reads(service, tmp_path, monkeypatch, capsys):
-    from indexing.ids import id_from_path
+    from indexing.ids import id_from_bytes
 
     (tmp_path / "solo.jpg").write_bytes(picture(7100))
     monkeypatch.delenv("IMSEARCH_TOKEN", raising=False)
@@ -189,7 +234,7 @@ def test_ingest_takes_the_token_variable_the_service_reads(service, tmp_path, mo
     assert indexing_main(["ingest", "--images", str(tmp_path), "--url", service]) == 0
     assert "added 1" in capsys.readouterr().out
     with httpx.Client(base_url=service) as c:
-        assert c.delete(f"/images/{id_from_path('solo.jpg')}", headers=AUTH).status_code == 200
+        assert c.delete(f"/images/{id_from_bytes(picture(7100))}", headers=AUTH).status_code == 200
 
 
 def test_post_derives_the_id_from_the_bytes_or_the_indexed_path(client, corpus_dir):
@@ -236,27 +281,26 @@ def test_search_says_how_many_copies_it_collapsed(client):
 
 
 def test_ingest_reports_a_different_photo_under_an_indexed_path(service, tmp_path, capsys):
-    from indexing.ids import id_from_path
-
+    """Ids by path (--prefix, as under the index's own folders): another photo under a path
+    already indexed is a collision, reported and not sent, unless --replace."""
     first, second = tmp_path / "first", tmp_path / "second"
     for folder, n in ((first, 7400), (second, 7401)):  # another photo under the same relative path
         (folder / "x").mkdir(parents=True)
         (folder / "x" / "same.jpg").write_bytes(picture(n))
-    base = ["ingest", "--url", service, "--token", WRITE_TOKEN]
+    base = ["ingest", "--url", service, "--token", WRITE_TOKEN, "--prefix", "cam"]
     assert indexing_main([*base, "--images", str(first)]) == 0
-    capsys.readouterr()
+    assert "added 1 images" in capsys.readouterr().out
     assert indexing_main([*base, "--images", str(second)]) == 1
     out = capsys.readouterr()
     assert "added 0 images, skipped 0 already present, 1 id collisions" in out.out
-    assert "x/same.jpg" in out.err and "--prefix" in out.err and "--replace" in out.err
-    assert indexing_main([*base, "--images", str(second), "--prefix", "second"]) == 0
-    assert "added 1 images" in capsys.readouterr().out
+    assert "x/same.jpg" in out.err and "--replace" in out.err
     assert indexing_main([*base, "--images", str(second), "--replace"]) == 0
     assert "replaced 1" in capsys.readouterr().out
     with httpx.Client(base_url=service) as c:
         import hashlib
 
-        meta = c.get(f"/images/{id_from_path('x/same.jpg')}").json()
+        from indexing.ids import id_from_path
+
+        meta = c.get(f"/images/{id_from_path('cam/x/same.jpg')}").json()
         assert meta["sha256"] == hashlib.sha256(picture(7401)).hexdigest()
-        for rel in ("x/same.jpg", "second/x/same.jpg"):
-            assert c.delete(f"/images/{id_from_path(rel)}", headers=AUTH).status_code == 200
+        assert c.delete(f"/images/{id_from_path('cam/x/same.jpg')}", headers=AUTH).status_code == 200

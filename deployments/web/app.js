@@ -97,7 +97,7 @@ function resultItem(hit) {
   const button = document.createElement("button");
   button.type = "button";
   button.dataset.id = hit.id;
-  const name = hit.uri ? hit.uri.split("/").slice(-2).join("/") : `image ${hit.id}`;
+  const name = hit.uri ? hit.uri.split("/").pop() : `image ${hit.id}`;
   button.title = `${hit.uri || hit.id}: search with this image`;
   button.setAttribute("aria-label", `${name}, score ${hit.score.toFixed(3)}: search with this image`);
   const img = document.createElement("img");
@@ -110,13 +110,28 @@ function resultItem(hit) {
   const score = document.createElement("span");
   score.className = "score";
   score.textContent = hit.score.toFixed(3);
-  const id = document.createElement("span");
-  id.className = "id";
-  id.textContent = hit.id;
-  meta.append(score, id);
+  const file = document.createElement("span");
+  file.className = "file";
+  file.textContent = name;
+  meta.append(score, file);
+  if (hit.same_photo) {
+    // Why a lower score sits above higher ones: local features matched, this is the same photo.
+    const mark = document.createElement("span");
+    mark.className = "verified";
+    mark.textContent = "same photo, verified";
+    mark.title = `${hit.inliers} matching keypoints cover ${Math.round(100 * hit.coverage)}% of the pictures: ` +
+      "verified copies come first, whatever their score";
+    meta.append(mark);
+  }
   button.append(img, meta);
   button.addEventListener("click", () => moreLikeThis(hit.id));
-  li.append(button);
+  const full = document.createElement("a");
+  full.className = "full";
+  full.href = thumbnailUrl(hit.id, 1024);
+  full.target = "_blank";
+  full.rel = "noopener";
+  full.textContent = "full image";
+  li.append(button, full);
   return li;
 }
 
