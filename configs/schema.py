@@ -96,9 +96,11 @@ class BuildConfig(_Strict):
     decode_num_cpus: PositiveFloat = Field(
         1.0, description="CPUs each read+decode task reserves; lower it to build beside a running service")
     embed_batch_size: PositiveInt = Field(64, description="images per embedding actor batch")
-    min_actors: PositiveInt = Field(1, description="embedding actor pool lower bound")
+    min_actors: PositiveInt = Field(2, description="embedding actor pool lower bound (with GPUs: at most the GPUs "
+                                    "the cluster has)")
     max_actors: PositiveInt = Field(2, description="embedding actor pool upper bound")
-    actor_num_cpus: PositiveFloat = Field(1.0, description="CPUs per embedding actor (CPU-only clusters)")
+    actor_num_cpus: PositiveFloat = Field(0.5, description="CPUs per embedding actor (CPU-only clusters); Ray gives "
+                                          "an actor max(1, this) model threads")
     gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per embedding actor when the cluster has GPUs")
     add_batch_size: PositiveInt = Field(65536, description="vectors added to a shard per faiss call")
     shard_task_cpus: PositiveFloat = Field(0.5, description="CPUs reserved by each shard-filling Ray task")

@@ -6,6 +6,8 @@ block, printing the URL and a ready curl once every shard is loaded.
 first when it is missing or the folder changed (indexing/folders.py).
 `python -m deployments allow FOLDER`: let the running service read one more folder (what an
 ingest of that folder needs for thumbnails and verification; deployments/allow.py).
+`python -m deployments env`: the shell lines that set Serve's fast paths (deployments/environment.py),
+for `eval` before `serve run` or `ray start`.
 `python -m deployments switch [--version N]`: move the running service to another manifest version
 without downtime (see deployments/switch.py)."""
 from __future__ import annotations
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
     w.add_argument("--drain-s", type=float, default=5, help="time given to searches inside the old version")
     w.add_argument("--no-replay", action="store_true",
                    help="switch even when writes the old version took cannot be carried over")
+    e = sub.add_parser("env", help="print the shell lines that turn Serve's fast paths on (before `serve run`)")
+    e.add_argument("--local", action="store_true", help="also the settings for a Ray on this one machine")
     a = sub.add_parser("allow", help="let the running service read the images under more folders")
     a.add_argument("folders", nargs="+", help="folders (or object-store prefixes) whose images writers may add by uri")
     a.add_argument("--app", default="imsearch", help="the front application (default: imsearch)")
@@ -116,6 +120,11 @@ def main(argv=None) -> int:
         return _switch(args)
     if args.verb == "allow":
         return _allow(args)
+    if args.verb == "env":
+        from deployments import environment
+
+        print(environment.exports(args.local))
+        return 0
     index_dir = args.index_dir
     if args.images:
         index_dir = _folder_index(args.images, index_dir, args.config)

@@ -31,7 +31,7 @@ from deployments.http import (
     ApiError, JSONResponse, bearer_token, check_token, load_tokens, parse_bool, parse_flags, parse_image_id, parse_k, parse_nprobe,
     parse_size, parse_uri, parse_vector_request, read_body, read_image, token_in, vector_body_limit,
 )
-from deployments import openapi, thumbnails
+from deployments import environment, openapi, thumbnails
 from deployments.cache import BytesLRU
 from deployments.metrics import DECODE_EMBED, FANOUT, MERGE_RANK, VERIFY, IngressMetrics
 from deployments.pipeline import (
@@ -138,6 +138,12 @@ class Ingress:
         self.thumbnails = BytesLRU(self.cfg.thumbnail_cache_bytes, size=len)
         self.thumbnail_slots = asyncio.Semaphore(self.cfg.max_concurrent_thumbnails)
         self.page_html = _page(self.cfg, needs_token=self.read_tokens is not None)
+        self.fast_paths_off = environment.off()
+        if self.fast_paths_off:
+            LOG.warning("Serve fast paths off in this cluster (%s): Ray was started without them, and requests cost "
+                        "about twice the CPU. Start it with `python -m deployments run`, or run "
+                        "`eval \"$(python -m deployments env)\"` before `serve run` / `ray start`",
+                        ", ".join(self.fast_paths_off))
         self.routes = [
             Route("/", self.page, methods=["GET"]),
             Route("/ui/{name}", self.asset, methods=["GET"]),
@@ -545,8 +551,9 @@ class Ingress:
         hidden = ("slot_table", "cell_table", "template", "shards")
         hidden += () if operator else ("index_dir",)
         info = {k: v for k, v in (await self._index()).info.items() if k not in hidden}
+        ops = {"fast_paths_off": self.fast_paths_off} if operator else {}
         return JSONResponse({**info, "index_app": self.routing.index_app, "writes_paused": self.routing.writes_paused,
-                             "total": total, "shards": shards})
+                             "total": total, "shards": shards, **ops})
 
 
 def _page(cfg: ServeConfig, *, needs_token: bool) -> bytes:

@@ -430,6 +430,9 @@ def build_from_images(
     emb_uri = storage.join(index_dir, emb_name)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     b = fit_to_free_cpus(cfg.build, use_gpu)
+    # A pool that waits for more GPUs than the cluster has would never start.
+    min_actors = min(b.min_actors, max(1, int(ray.cluster_resources().get("GPU", 0) // b.gpus_per_actor))) \
+        if use_gpu else b.min_actors
     ds = ray.data.read_binary_files(
         [p.split("://", 1)[1] if scheme else p for p, _ in listed], include_paths=True, filesystem=fs,
         num_cpus=b.decode_num_cpus,
@@ -442,7 +445,7 @@ def build_from_images(
     tally = ray.remote(num_cpus=0)(Tally).remote()
     ds = ds.map_batches(
         EmbedBatch, batch_size=b.embed_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=b.min_actors, max_size=b.max_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=b.max_actors),
         fn_constructor_kwargs=dict(model=cfg.model.model_dump(), slot_table=slot_table, tally=tally),
         num_gpus=b.gpus_per_actor if use_gpu else 0, num_cpus=None if use_gpu else b.actor_num_cpus,
     )

@@ -120,3 +120,20 @@ def test_a_read_only_service_says_how_to_enable_writes(tight_front):
     r = httpx.put(f"{tight_front}/images/1", content=b"x", headers={"content-type": "image/jpeg"}, timeout=30)
     assert r.status_code == 403 and r.json()["error"]["code"] == "writes_disabled"
     assert "IMSEARCH_WRITE_TOKENS" in r.json()["error"]["message"]
+
+
+def test_a_start_without_the_fast_paths_is_named(client):
+    """`serve run` in a shell without the variables starts Serve at half the speed: the Ingress
+    names the levers that are off (here none: the session started Ray the README's way), and
+    `deployments env` prints the lines that turn them on."""
+    import subprocess
+    import sys
+
+    from deployments import environment
+
+    assert client.get("/stats").json()["fast_paths_off"] == []
+    assert environment.off({}) == list(environment.LEVERS)
+    lines = subprocess.run([sys.executable, "-m", "deployments", "env"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    env = dict(line.removeprefix("export ").split("=", 1) for line in lines)
+    assert environment.off(env) == []
