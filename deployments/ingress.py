@@ -325,7 +325,7 @@ class Ingress:
         query's own bytes where indexed (those need no verifying: an image with few keypoints
         would not verify against itself); the order as it was (and False) when it does not
         answer within serve.verify_timeout_s."""
-        exact = [h for h in ranked if h["id"] in meta and meta[h["id"]][1] == own]
+        exact = [{**h, "same_photo": True} for h in ranked if h["id"] in meta and meta[h["id"]][1] == own]
         ranked = [h for h in ranked if h["id"] not in meta or meta[h["id"]][1] != own]
         head = ranked[: self.cfg.verify_top]
         candidates = [{"id": h["id"], "uri": h["uri"], "sha64": meta[h["id"]][1]} for h in head if h["id"] in meta]

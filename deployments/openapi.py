@@ -13,8 +13,9 @@ ERROR = {
 }
 HIT = {"type": "object", "required": ["id", "score", "uri"],
        "properties": {"id": {"type": "integer"}, "score": {"type": "number", "nullable": True}, "uri": {"type": "string"},
-                      "same_photo": {"type": "boolean", "description": "present and true on a verified copy of the "
-                                     "query: local features matched, so it comes before higher-scored results"},
+                      "same_photo": {"type": "boolean", "description": "present and true on the query's own file and on a "
+                                     "verified copy of it (local features matched): why it comes before "
+                                     "higher-scored results"},
                       "inliers": {"type": "integer", "description": "RANSAC inliers of a verified copy of the query"},
                       "coverage": {"type": "number", "description": "share of the query's area its inliers span "
                                    "(verified copies: the source of the query explains all of it)"}}}

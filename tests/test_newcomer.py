@@ -76,7 +76,7 @@ def test_own_photos_from_the_readme(folders, browser, tmp_path):
         sample = shlex.split(line)[-1].lstrip("@")
         assert Path(sample).parent == photos and Path(sample).is_file()
         answer = json.loads(subprocess.run(line, shell=True, capture_output=True, text=True, timeout=60).stdout)
-        assert answer["results"][0]["uri"] == sample, answer
+        assert answer["results"][0]["uri"] == sample and answer["results"][0]["same_photo"], answer
 
         # The page: every result's thumbnail loads, results are labelled by file name.
         browser.get(url + "/")

@@ -119,8 +119,9 @@ function resultItem(hit) {
     const mark = document.createElement("span");
     mark.className = "verified";
     mark.textContent = "same photo, verified";
-    mark.title = `${hit.inliers} matching keypoints cover ${Math.round(100 * hit.coverage)}% of the pictures: ` +
-      "verified copies come first, whatever their score";
+    mark.title = (hit.inliers === undefined ? "the very file searched with"
+      : `${hit.inliers} matching keypoints cover ${Math.round(100 * hit.coverage)}% of the pictures`) +
+      ": verified copies come first, whatever their score";
     meta.append(mark);
   }
   button.append(img, meta);
