@@ -3,8 +3,8 @@
 `make run IMAGES=~/photos` serves the index of that folder, building it when it is missing or
 when the folder changed since the build. The index directory records what it was built from in
 `built-from.json` (the folder and a digest of its files' names, sizes and times); a folder whose
-digest differs is stale. An index that has taken writes since its build (anything under `live/`)
-is never rebuilt behind the user's back: those writes would be lost."""
+digest differs is stale. An index that has taken writes since its build (`live.took_writes`) is
+never rebuilt behind the user's back: those writes would be lost."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from indexing import storage
+from indexing import live, storage
 
 RECORD = "built-from.json"
 
@@ -48,8 +48,7 @@ def state(images: str, index_dir: str, extensions: tuple[str, ...]) -> str:
         recorded = {}
     if recorded.get("folder") == os.path.realpath(images) and recorded.get("digest") == digest(listing(images, extensions)):
         return "current"
-    live = Path(index_dir, "live")
-    return "stale-with-writes" if live.is_dir() and any(p.is_file() for p in live.rglob("*")) else "stale"
+    return "stale-with-writes" if live.took_writes(index_dir) else "stale"
 
 
 def record(images: str, index_dir: str, extensions: tuple[str, ...]) -> None:

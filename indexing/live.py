@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional
 
 import faiss
@@ -47,6 +48,18 @@ def live_dir(root: str, version: int) -> str:
         for d in (os.path.dirname(path), root):  # the new directories survive a power loss
             storage.fsync_dir(d)
     return path
+
+
+def took_writes(root: str) -> bool:
+    """Whether any shard of any version under a local index directory has logged a write since the
+    build: a write-ahead log with bytes in it, or a compacted generation. Serving alone leaves
+    state and lock files here, which are not writes."""
+    for state_file in Path(root, "live").glob("v*/shard-*.json"):
+        state = json.loads(state_file.read_text())
+        log = state_file.with_name(state["log"])
+        if state["generation"] > 0 or (log.is_file() and log.stat().st_size > 0):
+            return True
+    return False
 
 
 def shard_name(shard_no: int) -> str:

@@ -409,3 +409,34 @@ def test_an_id_lock_excludes_other_processes_and_frees_on_exit(tmp_path):
     finally:
         release.set()
         other.join(30)
+
+
+def test_a_served_index_counts_as_written_only_once_a_write_is_logged(tmp_path):
+    """`make run IMAGES=` rebuilds a folder's index when the folder changed, unless the index took
+    writes a rebuild would lose. Serving alone leaves state and lock files under live/ (no writes):
+    that index is still rebuilt; a logged write or a compacted generation keeps it."""
+    import json
+
+    from indexing import folders
+
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    photos.mkdir()
+    index.mkdir()
+    (photos / "a.jpg").write_bytes(b"1")
+    (index / "manifest.json").write_text("{}")
+    folders.record(str(photos), str(index), (".jpg",))
+    assert folders.state(str(photos), str(index), (".jpg",)) == "current"
+    (photos / "b.jpg").write_bytes(b"2")
+    live = index / "live" / "v1"
+    live.mkdir(parents=True)  # what a shard replica leaves on first load
+    (live / "shard-000.json").write_text(json.dumps({"generation": 0, "index": "shard-000.faiss", "meta": None,
+                                                     "log": "shard-000.g0.wal"}))
+    (live / "shard-000.lock").write_bytes(b"")
+    (live / "shard-000.g0.wal").write_bytes(b"")
+    assert folders.state(str(photos), str(index), (".jpg",)) == "stale"
+    append(str(live / "shard-000.g0.wal"), [Record("delete", 7)])
+    assert folders.state(str(photos), str(index), (".jpg",)) == "stale-with-writes"
+    (live / "shard-000.g0.wal").write_bytes(b"")
+    (live / "shard-000.json").write_text(json.dumps({"generation": 1, "index": "shard-000.g1.faiss", "meta": None,
+                                                     "log": "shard-000.g1.wal"}))
+    assert folders.state(str(photos), str(index), (".jpg",)) == "stale-with-writes"
