@@ -39,11 +39,10 @@ from deployments.pipeline import (
 )
 from indexing.catalog import sha_key
 from indexing.cells import CellRouting
-from indexing.ids import id_from_bytes, id_from_path
+from indexing.ids import derived_id
 from indexing.idlocks import id_lock
 from indexing.live import SealedError
 from indexing.policy import verified_first
-from indexing.storage import relative_to
 
 LOG = logging.getLogger("ray.serve")
 # Routes that stay open when the Ingress is at its in-flight limit: operators need them most then.
@@ -444,11 +443,9 @@ class Ingress:
         a retried upload names the same image."""
         self._authorize_write(request)
         uri = await self._writer_uri(request)
-        rel = relative_to(uri, (await self._index()).info.get("sources", [])) if uri else None
         vector, data, phash = await self._embed_upload(request, for_index=True)
-        if rel not in (None, "."):
-            return await self._upsert(id_from_path(rel), vector, uri, data, phash, id_from="path")
-        return await self._upsert(id_from_bytes(data), vector, uri, data, phash, id_from="content")
+        id_, id_from = derived_id(uri, data, (await self._index()).info.get("sources", []))
+        return await self._upsert(id_, vector, uri, data, phash, id_from=id_from)
 
     async def image(self, request: Request) -> Response:
         """GET (metadata), PUT (add or replace), DELETE and PATCH (flags) of one image id."""

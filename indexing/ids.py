@@ -9,6 +9,8 @@ from typing import Iterable
 
 import numpy as np
 
+from indexing.storage import relative_to
+
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
@@ -26,6 +28,17 @@ def id_from_bytes(data: bytes) -> int:
     """Stable positive int64 id of an image from its bytes (SHA-256), for uploads with no path
     under the indexed folders: sending the same file twice names the same image."""
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def derived_id(uri: str, data: bytes, sources: list[str]) -> tuple[int, str]:
+    """The id an image added without one gets (POST /images, `indexing ingest`), and which kind:
+    ("path") the build's id of its path when `uri` lies under a folder the index was built from,
+    so an indexed file is recognised, not duplicated; else ("content") a hash of its bytes, so a
+    retried upload, or the same photo from another folder, names the same image."""
+    rel = relative_to(uri, sources) if uri else None
+    if rel not in (None, "."):
+        return id_from_path(rel), "path"
+    return id_from_bytes(data), "content"
 
 
 def mix64(ids: np.ndarray | Iterable[int]) -> np.ndarray:

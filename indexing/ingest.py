@@ -21,7 +21,7 @@ import httpx
 from configs.progress import Progress
 from indexing import storage
 from indexing.build import assign_ids
-from indexing.ids import id_from_bytes, id_from_path
+from indexing.ids import derived_id
 
 LOG = logging.getLogger(__name__)
 
@@ -65,16 +65,10 @@ def ingest(images: str, url: str, token: str, extensions: tuple[str, ...], concu
         r.raise_for_status()
         sources = r.json().get("sources", [])
 
-        def id_of(uri: str, data: bytes, i: int) -> int:
-            if path_ids is not None:
-                return path_ids[i]
-            rel = storage.relative_to(uri, sources)
-            return id_from_path(rel) if rel not in (None, ".") else id_from_bytes(data)
-
         def one(i: int) -> str:
             uri, rel = listed[i]
             data = storage.read_bytes(uri)
-            id_ = id_of(uri, data, i)
+            id_ = path_ids[i] if path_ids is not None else derived_id(uri, data, sources)[0]
             r = client.get(f"/images/{id_}")
             held = r.status_code == 200
             if held and r.json()["sha256"] == hashlib.sha256(data).hexdigest():
