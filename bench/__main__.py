@@ -1,8 +1,10 @@
 """`python -m bench VERB --out DIR [--quick]`
 
   all        every benchmark below, in one run on this machine; writes all.json, all.md and PNGs
-  search     recall@10 vs QPS: service HTTP, ShardedIndex, plain FAISS, Milvus Lite, Qdrant, LanceDB;
-             then HTTP at concurrency 1/8/32: service, one-process uvicorn+FAISS, Chroma server
+  search     recall@10 vs QPS: service HTTP, ShardedIndex, plain FAISS, Milvus Lite, Qdrant, LanceDB
+  serving    every HTTP engine under one load generator (wrk) at 1/8/32 connections: the service (JSON,
+             binary; direct and Serve-handle fan-out), one-process uvicorn+FAISS, Chroma's server
+             (REST), the generator's ceiling; then CPU ms per request by process and stage (py-spy)
   levers     each Ray Serve fast path on and off, each in a fresh Ray, on the same vectors
   embedding  images/s: Embedder deployment over HTTP and through a handle vs plain loops, torch and ONNX
   indexing   images/s: `python -m indexing build` end to end vs single-process loops, torch and ONNX
@@ -67,7 +69,7 @@ class Service:
 
 
 def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory: str | None = None,
-        nprobe: int = 16, baseline_tree: str | None = None) -> dict:
+        nprobe: int = 32, baseline_tree: str | None = None) -> dict:
     from bench import plots
     from bench.common import machine, write_results
 
@@ -127,7 +129,13 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
         for make in (serving_set,
                      lambda: real_embeddings(images, os.path.join(work, "cache"), size["real_views"], size["queries"]),
                      lambda: synthetic(size["synthetic"], queries=size["queries"])):
-            results["search"] += bench_search(make(), work, svc.serve, factory=factory, nprobe=nprobe)
+            results["search"] += bench_search(make(), work, svc.serve, factory=factory)
+        progress.update()
+    if "serving" in verbs:
+        from bench.serving import bench_serving
+
+        results["serving"] = bench_serving(serving_set(), work, svc.serve, nprobe=nprobe,
+                                           seconds=5 if quick else 10, profile_s=10 if quick else 20)
         progress.update()
     if "levers" in verbs:
         from bench.levers import run_levers
@@ -137,7 +145,7 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
         index_dir = os.path.join(work, f"index-{vs.name}")
         sharded(vs, factory_for(vs)[0], index_dir, 2)
         ray.shutdown()  # each lever starts its own Ray
-        results["levers"] = run_levers(vs, index_dir, work)
+        results["levers"] = run_levers(vs, index_dir, work, nprobe)
         progress.update()
     progress.close()
     results["seconds"] = round(time.time() - t0, 1)
@@ -149,7 +157,7 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("verb", choices=["all", "search", "levers", "embedding", "indexing", "load", "memory", "chaos", "routing",
+    p.add_argument("verb", choices=["all", "search", "serving", "levers", "embedding", "indexing", "load", "memory", "chaos", "routing",
                                       "verify"])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--images", default=os.path.join(os.environ.get("DATA", os.path.join("..", "shared", "data")), "scene15"),
@@ -160,7 +168,8 @@ def main(argv=None) -> int:
                    "revision (git worktree add DIR REV) on the same indexes")
     p.add_argument("--factory", help="search: FAISS factory for every engine instead of the service's default "
                    "(e.g. 'IVF{nlist},Flat' to compare at Chroma's recall)")
-    p.add_argument("--nprobe", type=int, default=16, help="search: nprobe of the HTTP comparison at concurrency 1/8/32")
+    p.add_argument("--nprobe", type=int, default=32, help="serving, levers: nprobe of the HTTP engines (32: recall@10 "
+                   "1.000 on the serving vectors, so quantization flatters no one)")
     p.add_argument("--minutes", type=float, default=10, help="chaos: how long the faults go on")
     p.add_argument("--seed", type=int, default=0, help="chaos: seed of the load and of the order of the kills")
     p.add_argument("--replicas", type=int, default=2, help="chaos: replicas per shard (1: node loss gives partial answers)")
@@ -213,7 +222,7 @@ def main(argv=None) -> int:
         write_report(report, args.out)
         print(markdown(report))
         return 0
-    verbs = ["indexing", "embedding", "load", "memory", "search"] if args.verb == "all" else [args.verb]
+    verbs = ["indexing", "embedding", "load", "memory", "search", "serving"] if args.verb == "all" else [args.verb]
     results = run(verbs, args.images, args.out, args.quick, args.port, args.factory, args.nprobe, args.baseline_tree)
     print(open(os.path.join(args.out, f"{'all' if args.verb == 'all' else args.verb}.md")).read())
     print(json.dumps({"seconds": results["seconds"], "out": args.out}))

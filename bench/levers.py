@@ -29,7 +29,7 @@ LEVERS = [
 ]
 
 
-def run_levers(vs, index_dir: str, workdir: str, nprobe: int = 16) -> list[dict]:
+def run_levers(vs, index_dir: str, workdir: str, nprobe: int = 32) -> list[dict]:
     """One child per lever; rows of (lever, engine, concurrency, recall, QPS, p50, p99)."""
     vec = os.path.join(workdir, f"levers-{vs.name}.npz")
     np.savez(vec, queries=vs.queries, truth=vs.truth)
@@ -50,11 +50,13 @@ def run_levers(vs, index_dir: str, workdir: str, nprobe: int = 16) -> list[dict]
 
 
 def worker(index_dir: str, vec: str, out: str, changes: dict, nprobe: int) -> None:
-    """Serve the index in a fresh Ray with this process's environment and measure it."""
+    """Serve the index in a fresh Ray with this process's environment and measure it under wrk
+    (bench/serving.py measure_engine), JSON and binary bodies."""
     import ray
     from ray import serve
 
-    from bench.serving import free_port, measure_levels, service_binary, service_json
+    from bench import wrk
+    from bench.serving import binary_path, free_port, json_bodies, measure_engine, service_ids
     from bench.vectors import VectorSet
     from deployments.__main__ import DEFAULT_SERVE_CONFIG, deploy, load_serve_config, wait_healthy
 
@@ -72,8 +74,13 @@ def worker(index_dir: str, vec: str, out: str, changes: dict, nprobe: int) -> No
     url = deploy(cfg)
     if not wait_healthy(url, 300):
         raise SystemExit("service did not become healthy")
-    rows = [{"engine": "service HTTP json", **r} for r in measure_levels(service_json(url, nprobe), vs)]
-    rows += [{"engine": "service HTTP binary", **r} for r in measure_levels(service_binary(url, nprobe), vs)]
+    workdir = os.path.dirname(out)
+    raw_json = json_bodies(vs, nprobe)
+    raw_binary = [np.ascontiguousarray(q, dtype="<f4").tobytes() for q in vs.queries]
+    b_json = wrk.write_bodies(workdir, "lever-json", "/search/vector", "application/json", raw_json)
+    b_binary = wrk.write_bodies(workdir, "lever-binary", binary_path(nprobe), "application/octet-stream", raw_binary)
+    rows = measure_engine("service HTTP json", url, b_json, raw_json, service_ids, vs, 10)
+    rows += measure_engine("service HTTP binary", url, b_binary, raw_binary, service_ids, vs, 10)
     json.dump(rows, open(out, "w"))
     serve.shutdown()
     ray.shutdown()

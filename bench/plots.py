@@ -14,6 +14,7 @@ COLUMNS = {
                "scanned_bytes_per_vector"],
     "search": ["dataset", "engine", "index", "nprobe", "concurrency", "recall@10", "qps", "ms_per_query", "p50_ms", "p99_ms", "build_s"],
     "levers": ["lever", "engine", "concurrency", "recall@10", "qps", "p50_ms", "p99_ms", "errors"],
+    "serving": ["engine", "concurrency", "recall@10", "qps", "p50_ms", "p99_ms", "errors", "note"],
 }
 TITLES = {
     "search": "Search: recall@10 vs queries per second (one query per call)",
@@ -22,6 +23,7 @@ TITLES = {
     "load": "Latency under load (HTTP vs in-process)",
     "memory": "Memory per vector in a shard replica",
     "levers": "Ray Serve fast paths, each measured in a fresh Ray (vector queries over HTTP, JSON)",
+    "serving": "HTTP engines under one load generator (wrk), vector queries",
 }
 
 
@@ -33,6 +35,29 @@ def markdown(results: dict) -> str:
     for key in ("search", "levers", "indexing", "embedding", "load", "memory"):
         if results.get(key):
             parts.append(f"### {TITLES[key]}\n\n" + markdown_table(results[key], COLUMNS[key]))
+    if results.get("serving"):
+        parts.append(serving_markdown(results["serving"]))
+    return "\n\n".join(parts)
+
+
+def serving_markdown(out: dict) -> str:
+    """The engines table, the issue's ratios, and CPU ms per request by process and stage."""
+    from bench.profile import by_stage
+    from bench.serving import ratios
+
+    parts = [f"### {TITLES['serving']}\n\n{out['n']:,} x {out['dim']} vectors, k {out['k']}, "
+             f"{out['seconds_per_level']:g} s per level\n\n" + markdown_table(out["rows"], COLUMNS["serving"])]
+    parts.append("#### Ratios (service JSON)\n\n" + markdown_table(
+        ratios(out), ["concurrency", "service_qps", "chroma", "chroma_recall", "over_chroma", "over_one_process",
+                      "p99_over_p50"]))
+    for name, prof in out.get("profiles", {}).items():
+        row = prof["row"]
+        procs = [{"process": g, "cpu_ms_per_request": ms} for g, ms in prof["processes"].items()]
+        procs.append({"process": "all", "cpu_ms_per_request": sum(prof["processes"].values())})
+        stages = [{"stage": s, "cpu_ms_per_request": ms} for s, ms in by_stage(prof).items()]
+        parts.append(f"#### CPU per request: {name} (32 connections, {row['qps']:.0f} QPS, "
+                     f"{row['cpu_cores_busy']} cores busy)\n\n" + markdown_table(procs, ["process", "cpu_ms_per_request"])
+                     + "\n\n" + markdown_table(stages, ["stage", "cpu_ms_per_request"]))
     return "\n\n".join(parts)
 
 
@@ -59,6 +84,23 @@ def plot_all(results: dict, out: str) -> None:
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "search.png"), dpi=110)
+        plt.close(fig)
+    if results.get("serving"):
+        rows = [r for r in results["serving"]["rows"] if "qps" in r and "Python client" not in r["engine"]]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for engine in dict.fromkeys(r["engine"] for r in rows):
+            rs = [r for r in rows if r["engine"] == engine]
+            a.plot([r["concurrency"] for r in rs], [r["qps"] for r in rs], marker="o", label=engine)
+            b.plot([r["concurrency"] for r in rs], [r["p50_ms"] for r in rs], marker="o", label=engine)
+        for ax, title in ((a, "queries per second (wrk)"), (b, "p50 latency (ms)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("connections")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        a.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "serving.png"), dpi=110)
         plt.close(fig)
     if results.get("load"):
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))

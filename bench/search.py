@@ -1,11 +1,11 @@
 """Search: recall@10 against queries per second at several nprobe values, for the service over
 HTTP, ShardedIndex in-process, one plain FAISS index with the same factory, and the vector
 databases users would pick instead (Milvus Lite, Qdrant local, LanceDB IVF-PQ) when installed.
-Then the HTTP engines at concurrency 1, 8 and 32 with p50/p99 (bench/serving.py): the service
-(JSON and binary bodies), the one-process uvicorn + FAISS baseline and Chroma's server.
+The HTTP engines side by side under one load generator are `python -m bench serving`.
 
 Every engine answers one query per call, on the same vectors, queries and k, against exact
-ground truth."""
+ground truth; the service's QPS is wrk's at one connection (bench/wrk.py), its recall read back
+from the same bodies."""
 from __future__ import annotations
 
 import logging
@@ -89,11 +89,19 @@ def sharded(vs: VectorSet, factory: str, index_dir: str, shards: int) -> Searche
     return {n: (lambda q, n=n: ix.search(q[None, :], K, nprobe=n)[1][0].tolist()) for n in NPROBES}
 
 
-def service(url: str) -> Searchers:
-    """POST /search/vector on a running service (near-duplicate collapse off: raw ANN results)."""
-    from bench.serving import service_json
+def service_rows(vs: VectorSet, url: str, workdir: str) -> list[dict]:
+    """POST /search/vector at each nprobe: recall@10 of the answers, QPS of wrk at one connection."""
+    from bench import serving, wrk
 
-    return {n: service_json(url, n) for n in NPROBES}
+    rows = []
+    for nprobe in NPROBES:
+        raw = serving.json_bodies(vs, nprobe)
+        bodies = wrk.write_bodies(workdir, f"search-{vs.name}-{nprobe}", "/search/vector", "application/json", raw)
+        r = serving.recall(url, bodies, raw, serving.service_ids, vs)
+        w = wrk.run(url, bodies, 1, 5)
+        rows.append({"nprobe": nprobe, "concurrency": 1, "recall@10": r, "qps": w["qps"],
+                     "ms_per_query": 1000.0 / w["qps"]})
+    return rows
 
 
 def milvus_lite(vs: VectorSet, nlist: int, workdir: str) -> Searchers:
@@ -148,38 +156,6 @@ def lancedb_ivfpq(vs: VectorSet, nlist: int, workdir: str) -> Searchers:
     return {n: at(n) for n in NPROBES}
 
 
-def http_levels(vs: VectorSet, factory: str, url: str, workdir: str, nprobe: int = 16) -> list[dict]:
-    """The HTTP engines at concurrency 1, 8, 32 and one nprobe: the service (JSON and binary
-    bodies), the one-process baseline and Chroma's server (when chromadb is installed)."""
-    from bench import serving
-
-    engines = [("service HTTP json", lambda: (serving.service_json(url, nprobe), None), factory),
-               ("service HTTP binary", lambda: (serving.service_binary(url, nprobe), None), factory),
-               ("uvicorn+faiss 1 process", lambda: serving.http_baseline(vs, factory, nprobe, workdir), factory)]
-    if installed("chromadb"):
-        engines.append(("chroma server", lambda: serving.chroma_server(vs, workdir), "HNSW (chroma defaults)"))
-    rows = []
-    for engine, start, note in engines:
-        t = time.time()
-        try:
-            search, stop = start()
-        except Exception as e:  # a peer that fails to start is reported, not fatal
-            LOG.warning("%s failed: %s", engine, e)
-            rows.append({"dataset": vs.name, "n": len(vs.base), "engine": engine, "error": str(e)[:200]})
-            continue
-        build_s = time.time() - t
-        try:
-            for r in serving.measure_levels(search, vs):
-                rows.append({"dataset": vs.name, "n": len(vs.base), "engine": engine, "index": note,
-                             "nprobe": nprobe if note == factory else "-", "build_s": round(build_s, 1), **r})
-                LOG.info("%s c=%d: recall@10 %.3f, %.0f QPS, p50 %.1f ms, p99 %.1f ms", engine, r["concurrency"],
-                         r["recall@10"], r["qps"], r["p50_ms"], r["p99_ms"])
-        finally:
-            if stop:
-                stop()
-    return rows
-
-
 PEERS = {"milvus-lite": "pymilvus", "qdrant-local": "qdrant_client", "lancedb-ivfpq": "lancedb"}
 
 
@@ -190,10 +166,9 @@ def installed(module: str) -> bool:
 
 
 def bench_search(vs: VectorSet, workdir: str, url_for: Callable[[str], str], shards: int = 2,
-                 max_exact_peer: int = 200_000, factory: Optional[str] = None, nprobe: int = 16) -> list[dict]:
+                 max_exact_peer: int = 200_000, factory: Optional[str] = None) -> list[dict]:
     """Every engine on one vector set; `url_for(index_dir)` serves an index and returns its URL.
-    `factory` replaces the service's default for every FAISS engine; `nprobe` is the one the HTTP
-    engines are compared at."""
+    `factory` replaces the service's default for every FAISS engine."""
     factory, nlist = factory_for(vs, factory)
     rows = []
 
@@ -213,9 +188,9 @@ def bench_search(vs: VectorSet, workdir: str, url_for: Callable[[str], str], sha
     local = sharded(vs, factory, index_dir, shards)
     run(f"ShardedIndex ({shards} shards)", local, time.time() - t)
     url = url_for(index_dir)
-    run("service HTTP", service(url), 0.0)
-    if len(vs.base) <= max_exact_peer:  # Chroma's HTTP inserts take too long beyond this
-        rows += http_levels(vs, factory, url, workdir, nprobe)
+    for r in service_rows(vs, url, workdir):
+        rows.append({"dataset": vs.name, "n": len(vs.base), "engine": "service HTTP (wrk)", "index": factory,
+                     "build_s": 0.0, **r})
     for name, module in PEERS.items():
         if not installed(module):
             LOG.info("%s not installed (pip install -e '.[bench]'): skipped", name)

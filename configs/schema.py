@@ -131,6 +131,9 @@ class ServeConfig(_Strict):
     shard_timeout_s: PositiveFloat = Field(2.0, description="a shard that takes longer is left out (partial answer)")
     shard_max_ongoing: PositiveInt = Field(16, description="calls one shard replica runs at once (max_ongoing_requests)")
     shard_max_queued: PositiveInt = Field(64, description="calls waiting for a shard beyond that; more are refused (overloaded)")
+    shard_direct: bool = Field(True, description="searches reach shard replicas over a direct TCP connection from the "
+                               "Ingress (deployments/wire.py); false: as Serve handle calls (nodes whose ports the "
+                               "Ingress cannot reach)")
     max_batch_size: PositiveInt = Field(16, description="embedder @serve.batch size")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="embedder @serve.batch wait for a fuller batch")
     max_concurrent_decodes: PositiveInt = Field(
@@ -202,15 +205,21 @@ class TrainConfig(_Strict):
     epochs: PositiveInt = Field(30, description="passes over the training images")
     batch_size: int = Field(64, ge=4, description="views per step; every other view in the batch is a negative")
     per_class: int = Field(4, ge=2, description="images per category in a labelled batch (the rest are other categories)")
-    lr: PositiveFloat = Field(1e-3, description="AdamW learning rate of the head (unfrozen backbone layers get lr/10)")
+    lr: PositiveFloat = Field(3e-4, description="AdamW learning rate of the head (unfrozen backbone layers get lr/10)")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     temperature: PositiveFloat = Field(0.1, description="softmax temperature of the NT-Xent / SupCon loss")
     koleo_weight: float = Field(0.0, ge=0, description="weight of the KoLeo spreading regulariser (copy detection); 0 = off")
+    instance_weight: float = Field(
+        0.5, ge=0, le=1, description="with --labels: share of the loss that keeps two views of one image nearer than "
+        "any other image (instance NT-Xent, copy detection) beside the category SupCon; 0: categories only (finds "
+        "copies worse), 1: instances only (categories learn nothing). No effect without labels")
     out_dim: PositiveInt = Field(256, description="embedding dimension after the projection head")
-    hidden_dim: Optional[int] = Field(None, ge=0, description="head hidden width; None: the backbone's width; 0: one linear layer")
-    head_init: Literal["random", "pca"] = Field(
-        "random", description="pca: a linear head (hidden_dim 0) on a frozen backbone starts as the projection on the "
-        "top principal directions of the training features, so training starts from the pretrained model's geometry")
+    hidden_dim: Optional[int] = Field(0, ge=0, description="head hidden width; None: the backbone's width; 0: one "
+                                      "linear layer (keeps the pretrained geometry: copies stay findable)")
+    head_init: Literal["auto", "random", "pca"] = Field(
+        "auto", description="pca: a linear head (hidden_dim 0) on a frozen backbone starts as the projection on the "
+        "top principal directions of the training features, so training starts from the pretrained model's geometry; "
+        "auto: pca where it applies, else random")
     unfreeze_last: int = Field(0, ge=0, description="backbone layers (weight-holding modules its forward runs, from the end) to train; 0 = frozen")
     bank_views: PositiveInt = Field(6, description="frozen backbone: augmented views per image embedded once and reused every epoch")
     crop_scale_min: float = Field(0.25, gt=0, le=1, description="smallest random-resized-crop area fraction")

@@ -48,7 +48,8 @@ def build_index(args: dict) -> serve.Application:
             name=name, num_replicas=cfg.serve.shard_replicas, max_replicas_per_node=cfg.serve.shard_max_replicas_per_node,
             ray_actor_options={"num_cpus": cfg.serve.shard_num_cpus, "resources": cfg.serve.shard_resources},
             max_ongoing_requests=cfg.serve.shard_max_ongoing, max_queued_requests=cfg.serve.shard_max_queued,
-        ).bind(index_dir, m.model_dump(), i, cfg.serve.compact_after_bytes)
+        ).bind(index_dir, m.model_dump(), i, cfg.serve.compact_after_bytes,
+               cfg.serve.shard_max_ongoing + cfg.serve.shard_max_queued)
         for i, name in enumerate(names)
     ]
     info = {"version": m.version, "dim": m.dim, "metric": m.metric, "factory": m.factory, "nprobe": m.nprobe,

@@ -37,6 +37,7 @@ from deployments.metrics import DECODE_EMBED, FANOUT, MERGE_RANK, VERIFY, Ingres
 from deployments.pipeline import (
     KeyedLocks, Overloaded, Query, Router, ShardsUnavailable, once_more, rank, run_batch, within,
 )
+from deployments.wire import ShardLink, ShardOverloaded
 from indexing.catalog import sha_key
 from indexing.cells import CellRouting
 from indexing.ids import derived_id
@@ -124,6 +125,7 @@ class Ingress:
         self.routing: Routing | None = None  # set by reconfigure (user_config) before any request
         self.version: Optional[IndexVersion] = None
         self.in_flight = self.writes_in_flight = 0
+        self.searching = 0  # fan-outs on their way to the shards (a lone query skips the batch queue)
         self.id_locks = KeyedLocks()
         self._log_flusher: Optional[asyncio.Task] = None
         self.cfg, self.decode = ServeConfig(**serve_cfg), DecodeConfig(**decode_cfg)
@@ -180,12 +182,15 @@ class Ingress:
                                   ApiError(503, "index_unavailable", f"index application {app} does not answer"))
             shards = [serve.get_deployment_handle(name, app_name=app, _check_exists=False) for name in info["shards"]]
             searches = [lambda q, k, p, h=h: h.search.remote(q, k, p) for h in shards]
+            if self.cfg.shard_direct:  # over each replica's own port; the handle when that fails
+                links = [ShardLink(h.endpoint.remote, search) for h, search in zip(shards, searches)]
+                searches = [link.search for link in links]
             cells = None
             if info.get("placement") == "cells":  # the coarse quantizer only: centroids, no codes
                 cells = await asyncio.to_thread(CellRouting.open, info["index_dir"], info["template"],
                                                 info["cell_table"], info["nprobe"])
             router = Router(searches, info["slot_table"], info["metric"], self.cfg.shard_timeout_s,
-                            is_overload=lambda e: isinstance(e, BackPressureError),
+                            is_overload=lambda e: isinstance(e, (BackPressureError, ShardOverloaded)),
                             on_fanout=lambda seconds: self.metrics.stage(FANOUT, seconds), cells=cells)
             self.version = IndexVersion(app, info, shards, router)  # a request keeps the version it started on
         return self.version
@@ -252,10 +257,14 @@ class Ingress:
 
     # ------------------------------------------------------------------ search
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
     async def _search_batch(self, queries: list[Query]) -> list:
         """Concurrent queries travel to each shard as one matrix (pipeline.run_batch)."""
-        return await run_batch(queries)
+        self.searching += 1
+        try:
+            return await run_batch(queries)
+        finally:
+            self.searching -= 1
 
     async def _search(self, queries: np.ndarray, k: int, nprobe, query_sha256=None, exclude_query=False, dedupe=True):
         """Batch, fan out, merge, rank: (results per query, copies collapsed per query, partial,
@@ -266,7 +275,15 @@ class Ingress:
                            f"results; the limit per request is {self.cfg.max_hits_per_request}")
         version = await self._index()
         fetch = k * self.cfg.dedupe_fetch_factor if dedupe or exclude_query else k
-        hits = await self._search_batch(Query(queries, fetch, nprobe, version.router))
+        query = Query(queries, fetch, nprobe, version.router)
+        if self.searching:  # others are on their way to the shards: join the next batch
+            hits = await self._search_batch(query)
+        else:  # alone: straight to the shards, without the batch queue's hops
+            self.searching += 1
+            try:
+                hits = (await run_batch([query]))[0]
+            finally:
+                self.searching -= 1
         if isinstance(hits, Overloaded):
             raise overloaded("every shard")
         if isinstance(hits, ShardsUnavailable):

@@ -1,7 +1,8 @@
 """Shard deployment: one shard in memory, kept current from its write-ahead log.
 
 Each replica is a full copy (replication); any replica takes a write, the others apply it from
-the shared log before their next search."""
+the shared log before their next search. Searches come over the replica's own port
+(deployments/wire.py, its address from `endpoint`) or as handle calls; writes as handle calls."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +16,7 @@ import ray
 from ray import serve
 
 from deployments.metrics import GAUGE_REFRESH_S, SHARD_SEARCH, ShardMetrics, refresh_every
+from deployments.wire import ShardServer
 from indexing.live import LiveShard
 from indexing.manifest import Manifest
 from indexing.wal import Record
@@ -25,7 +27,8 @@ LOG = logging.getLogger("ray.serve")
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16, max_queued_requests=64,
                   health_check_period_s=2)
 class Shard:
-    def __init__(self, index_dir: str, manifest: dict, shard_no: int, compact_after_bytes: int):
+    def __init__(self, index_dir: str, manifest: dict, shard_no: int, compact_after_bytes: int,
+                 search_limit: int = 80):
         rss = rss_bytes()
         self.shard = LiveShard(index_dir, Manifest.model_validate(manifest), shard_no)
         self.load_rss_bytes = rss_bytes() - rss  # what holding this shard costs the replica
@@ -33,6 +36,11 @@ class Shard:
         self._compaction: Optional[asyncio.Task] = None
         self.metrics = ShardMetrics(shard_no)
         refresh_every(GAUGE_REFRESH_S, self._report_size)
+        # Searches over the replica's own port (wire.py), bounded like Serve bounds handle calls
+        # (search_limit = max ongoing + max queued).
+        self.server = ShardServer(lambda q, k, p: self.shard.search(q, k, p or self.nprobe), search_limit,
+                                  self._observe_search)
+        self._listening: Optional[asyncio.Task] = None
         LOG.info("shard %d loaded: %d vectors", shard_no, self.shard.ntotal)
 
     async def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None) -> dict:
@@ -40,8 +48,27 @@ class Shard:
         requests); faiss releases the GIL, so it runs in a worker thread."""
         t0 = time.perf_counter()
         out = await asyncio.to_thread(self.shard.search, queries, k, nprobe or self.nprobe)
-        self.metrics.stages.observe(time.perf_counter() - t0, tags={"stage": SHARD_SEARCH})
+        self._observe_search(time.perf_counter() - t0)
         return out
+
+    def _observe_search(self, seconds: float) -> None:
+        self.metrics.stages.observe(seconds, tags={"stage": SHARD_SEARCH})
+
+    async def endpoint(self) -> tuple[str, int]:
+        """(host, port) where this replica answers searches directly (deployments/wire.py); the
+        listener starts on the first ask."""
+        if self._listening is None:  # one listener, however many ask at once
+            self._listening = asyncio.ensure_future(self._listen())
+        try:
+            return await asyncio.shield(self._listening)
+        except OSError:
+            self._listening = None  # asked again later; searches go through Serve meanwhile
+            raise
+
+    async def _listen(self) -> tuple[str, int]:
+        address = await self.server.start(ray.util.get_node_ip_address())
+        LOG.info("shard %d answers searches on %s:%d", self.shard_no, *address)
+        return address
 
     def _report_size(self) -> None:
         self.metrics.size(self.shard.ntotal, self.shard.log_bytes())

@@ -45,11 +45,15 @@ def edited_copy(data: bytes, *, scale: float = 0.6, quality: int = 60, crop: flo
     return buf.getvalue()
 
 
-def near_duplicate_recall(embedder, originals: list[bytes], **edit) -> float:
-    """Rank-1 rate at which an edited copy's nearest original (exact cosine) is its own."""
+def near_duplicate_recalls(embedder, originals: list[bytes], edits: dict[str, dict]) -> dict[str, float]:
+    """For each named edit, the rank-1 rate at which an edited copy's nearest original (exact
+    cosine) is its own; the originals are embedded once."""
     x = embedder.embed_bytes(originals, for_index=True)
-    q = embedder.embed_bytes([edited_copy(d, **edit) for d in originals])
-    return float((np.argmax(q @ x.T, axis=1) == np.arange(len(originals))).mean())
+    out = {}
+    for name, edit in edits.items():
+        q = embedder.embed_bytes([edited_copy(d, **edit) for d in originals])
+        out[name] = float((np.argmax(q @ x.T, axis=1) == np.arange(len(originals))).mean())
+    return out
 
 
 # The mild edit of `python -m evaluation edits`: what an upload usually does to a photo.

@@ -78,7 +78,8 @@ def test_short_run_lowers_loss_resumes_and_exports(ray_session, images, tmp_path
     before, after = s["history"][0]["val_loss"], s["history"][1]["val_loss"]
     assert after < before, s["history"]
     assert s["train_images"] == 18 and s["heldout_images"] == 6
-    assert set(s["evaluation"]["trained"]) == {"near_dup_recall@1_heavy"}
+    assert set(s["evaluation"]["trained"]) == {"near_dup_recall@1_heavy", "near_dup_recall@1_mild"}
+    assert "warning" in s and "training_seconds" in s
     assert json.loads((out / "train.json").read_text())["epochs"] == 1
 
     emb = Embedder(ModelConfig(image_size=64, weights=s["model"]))
@@ -144,7 +145,7 @@ def test_pca_start_keeps_the_principal_geometry():
     assert torch.allclose(y.mean(0), torch.zeros(2), atol=1e-4)  # centred
     assert torch.allclose(y.std(0), torch.tensor([5.0, 2.0]), rtol=0.1)  # the two largest directions
     with pytest.raises(ConfigError, match="head_init"):
-        load_config(None, {"train": {"head_init": "pca"}})  # an MLP head cannot start as PCA
+        load_config(None, {"train": {"head_init": "pca", "hidden_dim": 64}})  # an MLP head cannot start as PCA
     shipped = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "train-selfsupervised.yaml"))
     assert shipped.train.head_init == "pca" and shipped.train.hidden_dim == 0
 
@@ -165,3 +166,42 @@ def test_koleo_spreads_embeddings_apart():
         koleo_loss(z).backward()
         opt.step()
     assert nearest(torch.nn.functional.normalize(z.detach(), dim=-1)) > 2 * before
+
+
+def test_labelled_loss_keeps_two_views_of_one_photo_nearer_than_its_category():
+    """The category loss alone cannot tell a batch whose views pair up by photo from one whose
+    views are swapped between two photos of one category: both are 'all bedrooms together'. The
+    instance part of the multi-task loss can, which is what keeps an edited copy nearest its
+    original after training with labels (issue 32)."""
+    from training.train import multitask_loss
+
+    a, b, c = F.normalize(torch.tensor([[1.0, 0.2, 0], [1.0, -0.2, 0], [0, 0, 1.0]]), dim=-1)
+    labels, images = [0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 2, 2]  # photos 0 and 1 share a category
+    paired = torch.stack([a, a, b, b, c, c])   # each photo's two views together
+    swapped = torch.stack([a, b, a, b, c, c])  # the same vectors, views crossed between the photos
+    t = TrainConfig(instance_weight=0.0)
+    assert multitask_loss(paired, labels, images, t, labelled=True) == pytest.approx(
+        multitask_loss(swapped, labels, images, t, labelled=True).item())
+    t = TrainConfig(instance_weight=0.5)
+    assert multitask_loss(paired, labels, images, t, labelled=True) < multitask_loss(swapped, labels, images, t,
+                                                                                     labelled=True)
+    want = 0.5 * supcon_loss(paired, torch.tensor(labels), t.temperature) + \
+        0.5 * supcon_loss(paired, torch.tensor(images), t.temperature)
+    assert multitask_loss(paired, labels, images, t, labelled=True).item() == pytest.approx(want.item())
+    # Without labels the positives are the views of a photo already: the loss is unchanged.
+    assert multitask_loss(paired, images, images, t, labelled=False).item() == pytest.approx(
+        supcon_loss(paired, torch.tensor(images), t.temperature).item())
+
+
+def test_the_job_warns_when_training_cost_copy_detection():
+    from training.train import copy_warning, trade_off
+
+    report = {"pretrained": {"ndcg@10": 0.80, "map": 0.6, "near_dup_recall@1_heavy": 0.30, "near_dup_recall@1_mild": 0.95},
+              "trained": {"ndcg@10": 0.89, "map": 0.8, "near_dup_recall@1_heavy": 0.05, "near_dup_recall@1_mild": 0.40}}
+    msg = copy_warning(report, TrainConfig(instance_weight=0.0))
+    assert "0.050 vs 0.300" in msg and "train.instance_weight (now 0.0" in msg
+    line = trade_off(report)
+    assert "categories nDCG@10 0.800 -> 0.890 (+0.090)" in line and "copies recall@1 heavy 0.300 -> 0.050 (-0.250)" in line
+    report["trained"]["near_dup_recall@1_heavy"] = 0.26  # within 0.05: no warning
+    assert copy_warning(report, TrainConfig()) is None
+    assert copy_warning({}, TrainConfig()) is None  # nothing held out, nothing to compare

@@ -48,10 +48,12 @@ def main(argv=None) -> int:
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\nexported {summary['model']} after {summary['epochs']} epochs ({summary['seconds']} s); "
-          f"use it with model.weights: {summary['model']}\n")
+    print(f"\nexported {summary['model']} after {summary['epochs']} epochs ({summary['training_seconds']} s training, "
+          f"{summary['seconds']} s with the evaluation); use it with model.weights: {summary['model']}\n")
     print(format_report(summary["evaluation"]))
     print(json.dumps({k: summary[k] for k in ("train_images", "heldout_images")}))
+    if summary["warning"]:
+        print(f"\n{summary['warning']}", file=sys.stderr)
     return 0
 
 

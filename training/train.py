@@ -115,6 +115,20 @@ def init_pca(layer: torch.nn.Linear, features: torch.Tensor) -> None:
         layer.bias.copy_(-(vh[: layer.out_features] @ mean))
 
 
+def multitask_loss(z: torch.Tensor, labels: list[int], images: list[int], t: TrainConfig, labelled: bool) -> torch.Tensor:
+    """SupCon over the batch's positive groups (categories, click pairs, or the two views of an
+    image), and with labels also NT-Xent over images (`train.instance_weight` of the loss): a
+    category head alone pulls every photo of a category to one point, and an edited copy is then
+    no nearer its original than any other photo of that category."""
+    lab = torch.tensor(labels, device=z.device)
+    if not labelled or not t.instance_weight:
+        return supcon_loss(z, lab, t.temperature)
+    inst = supcon_loss(z, torch.tensor(images, device=z.device), t.temperature)
+    if t.instance_weight == 1:
+        return inst
+    return (1 - t.instance_weight) * supcon_loss(z, lab, t.temperature) + t.instance_weight * inst
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker: build the model, (re)load the checkpoint, train, report each epoch."""
     import ray
@@ -187,7 +201,8 @@ def train_loop(config: dict) -> None:
         bank = torch.cat(rows)  # (N, V, F)
         if rank == 0:
             print(f"feature bank: {len(pixels)} images x {t.bank_views} views in {time.time() - t0:.1f} s", flush=True)
-        if t.head_init == "pca" and start == 0:
+        pca = t.head_init == "pca" or (t.head_init == "auto" and t.hidden_dim == 0)
+        if pca and start == 0:
             init_pca(net.head[0], bank.reshape(-1, bank.shape[-1]))
         torch.manual_seed(t.seed + rank)
 
@@ -205,9 +220,8 @@ def train_loop(config: dict) -> None:
         return z
 
     def batch_loss(items, rng) -> torch.Tensor:
-        labels = torch.tensor([lab for _, lab in items], device=device)
         z = forward(items, rng)
-        loss = supcon_loss(z, labels, t.temperature)
+        loss = multitask_loss(z, [lab for _, lab in items], [i for i, _ in items], t, labelled=data["categories"] is not None)
         return loss + t.koleo_weight * koleo_loss(z) if t.koleo_weight else loss
 
     def held_loss() -> float:
@@ -301,6 +315,8 @@ def run_training(images: str, out: str, cfg: AppConfig, labels: Optional[str] = 
     summary = {"model": path, "epochs": state["epoch"] + 1, "history": state["history"],
                "train_images": len(data.paths), "heldout_images": len(data.heldout), "seconds": round(time.time() - t0, 1)}
     summary["evaluation"] = evaluate_before_after(data, cfg, path, out)
+    summary["training_seconds"], summary["seconds"] = summary["seconds"], round(time.time() - t0, 1)
+    summary["warning"] = copy_warning(summary["evaluation"], t)
     with open(os.path.join(out, "train.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -326,7 +342,7 @@ def evaluate_before_after(data: TrainData, cfg: AppConfig, trained: str, out: st
     queries against every labelled image, the training images included: what a user of a service
     built from this corpus meets. Near-duplicate recall@1 under heavy edits always."""
     from embedding.embedder import Embedder
-    from evaluation.edits import HEAVY_EDITS, near_duplicate_recall
+    from evaluation.edits import HEAVY_EDITS, MILD_EDITS, near_duplicate_recalls
     from evaluation.run import in_process_searcher, labelled_judgements, read_images, run_evaluation
 
     if not data.heldout:
@@ -348,8 +364,28 @@ def evaluate_before_after(data: TrainData, cfg: AppConfig, trained: str, out: st
                 report[name].update({prefix + k: r[k] for k in ("ndcg@10", "p@10", "map")})
     originals = read_images(data.root, data.heldout)
     for name, m in models.items():
-        report[name]["near_dup_recall@1_heavy"] = near_duplicate_recall(Embedder(m, cfg.decode), originals, **HEAVY_EDITS)
+        found = near_duplicate_recalls(Embedder(m, cfg.decode), originals, {"heavy": HEAVY_EDITS, "mild": MILD_EDITS})
+        report[name].update({f"near_dup_recall@1_{edit}": r for edit, r in found.items()})
     return report
+
+
+# How far below the pretrained model's heavy-edit recall@1 a trained model may fall unremarked.
+COPY_GUARD = 0.05
+
+
+def copy_warning(report: dict, t: TrainConfig) -> Optional[str]:
+    """The guard: a message when training cost more than COPY_GUARD of heavy-edit recall@1, naming
+    the key that trades categories for copies."""
+    key = "near_dup_recall@1_heavy"
+    if not report or key not in report.get("trained", {}):
+        return None
+    before, after = report["pretrained"][key], report["trained"][key]
+    if before - after <= COPY_GUARD:
+        return None
+    return (f"warning: the trained model finds heavily edited copies worse than the pretrained one (recall@1 "
+            f"{after:.3f} vs {before:.3f}, held-out images): search by photo will miss originals it finds today. "
+            f"Raise train.instance_weight (now {t.instance_weight}; 1 = copies only) to trade category quality "
+            f"for copies, or serve the pretrained model for copy search")
 
 
 def format_report(report: dict) -> str:
@@ -363,4 +399,18 @@ def format_report(report: dict) -> str:
     if any(k.startswith("corpus_") for k in report["pretrained"]):
         lines.append("ranked as the service ranks (copies collapsed). Plain: held-out images among themselves; "
                      "corpus_: held-out queries against every labelled image, the training images included.")
+    lines.append(trade_off(report))
     return "\n".join(lines)
+
+
+def trade_off(report: dict) -> str:
+    """One line: what training did to categories and to copies, pretrained -> trained."""
+    def move(key: str, label: str) -> Optional[str]:
+        if key not in report["pretrained"]:
+            return None
+        a, b = report["pretrained"][key], report["trained"][key]
+        return f"{label} {a:.3f} -> {b:.3f} ({b - a:+.3f})"
+
+    parts = [move("ndcg@10", "categories nDCG@10"), move("map", "mAP"),
+             move("near_dup_recall@1_heavy", "copies recall@1 heavy"), move("near_dup_recall@1_mild", "mild")]
+    return "trade-off: " + ", ".join(p for p in parts if p)
