@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -63,3 +65,24 @@ def write_results(out_dir: str, name: str, payload: dict, table: str) -> None:
         json.dump(payload, f, indent=1)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(table + "\n")
+
+
+def free_port() -> int:
+    """A TCP port nothing on this machine listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Wait until `proc` listens on `port` (RuntimeError when it exits or the time runs out)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s")

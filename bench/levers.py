@@ -55,8 +55,8 @@ def worker(index_dir: str, vec: str, out: str, changes: dict, nprobe: int) -> No
     import ray
     from ray import serve
 
-    from bench import wrk
-    from bench.serving import binary_path, free_port, json_bodies, measure_engine, service_ids
+    from bench.common import free_port
+    from bench.serving import measure_engine, service_bodies, service_ids
     from bench.vectors import VectorSet
     from deployments.__main__ import DEFAULT_SERVE_CONFIG, deploy, load_serve_config, wait_healthy
 
@@ -74,13 +74,9 @@ def worker(index_dir: str, vec: str, out: str, changes: dict, nprobe: int) -> No
     url = deploy(cfg)
     if not wait_healthy(url, 300):
         raise SystemExit("service did not become healthy")
-    workdir = os.path.dirname(out)
-    raw_json = json_bodies(vs, nprobe)
-    raw_binary = [np.ascontiguousarray(q, dtype="<f4").tobytes() for q in vs.queries]
-    b_json = wrk.write_bodies(workdir, "lever-json", "/search/vector", "application/json", raw_json)
-    b_binary = wrk.write_bodies(workdir, "lever-binary", binary_path(nprobe), "application/octet-stream", raw_binary)
-    rows = measure_engine("service HTTP json", url, b_json, raw_json, service_ids, vs, 10)
-    rows += measure_engine("service HTTP binary", url, b_binary, raw_binary, service_ids, vs, 10)
+    bodies = service_bodies(vs, nprobe, os.path.dirname(out), "lever")
+    rows = measure_engine("service HTTP json", url, *bodies["json"], service_ids, vs, 10)
+    rows += measure_engine("service HTTP binary", url, *bodies["binary"], service_ids, vs, 10)
     json.dump(rows, open(out, "w"))
     serve.shutdown()
     ray.shutdown()

@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from typing import Callable
@@ -125,7 +127,7 @@ def classify(stack: str) -> str:
 def sample(pids: dict[int, str], seconds: float, rate: int, workdir: str) -> dict[str, Counter]:
     """py-spy on each pid for `seconds` at `rate` Hz (non-blocking: the process is not paused);
     returns group -> Counter(stage -> samples)."""
-    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(os.sys.executable), "py-spy")
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     procs = []
     for pid in pids:
         out = os.path.join(workdir, f"{pid}.txt")
@@ -154,8 +156,6 @@ def profile(load: Callable[[float], dict], seconds: float, rate: int = 100,
     python = {pid: g for pid, g in groups.items() if _is_python(pid)}
     workdir = tempfile.mkdtemp(prefix="bench-profile-")
     try:
-        import threading
-
         samples: dict = {}
         t = threading.Thread(target=lambda: samples.update(sample(python, seconds - 2, rate, workdir)))
         t.start()

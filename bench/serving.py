@@ -19,7 +19,6 @@ import http.client
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ import orjson
 import yaml
 
 from bench import wrk
-from bench.common import run_load
+from bench.common import free_port, run_load, wait_port
 from bench.vectors import VectorSet, recall_at_k
 
 LOG = logging.getLogger(__name__)
@@ -74,6 +73,14 @@ def binary_path(nprobe: int) -> str:
     return f"/search/vector?k={K}&nprobe={nprobe}&dedupe=false"
 
 
+def service_bodies(vs: VectorSet, nprobe: int, workdir: str, name: str) -> dict[str, tuple[wrk.Bodies, list[bytes]]]:
+    """The service's bodies for wrk, JSON and raw float32: {"json"|"binary": (Bodies, raw bodies)}."""
+    raw = {"json": json_bodies(vs, nprobe),
+           "binary": [np.ascontiguousarray(q, dtype="<f4").tobytes() for q in vs.queries]}
+    routes = {"json": ("/search/vector", "application/json"), "binary": (binary_path(nprobe), "application/octet-stream")}
+    return {kind: (wrk.write_bodies(workdir, f"{name}-{kind}", *routes[kind], raw[kind]), raw[kind]) for kind in raw}
+
+
 def service_ids(body: bytes) -> list[int]:
     """Result ids of a /search/vector answer (one vector: a list; raw float32 rows: a list per row)."""
     results = orjson.loads(body)["results"]
@@ -112,25 +119,6 @@ def measure_engine(name: str, url: str, bodies: wrk.Bodies, raw: list[bytes], id
                  row["p50_ms"], row["p99_ms"], row["errors"], r)
         rows.append(row)
     return rows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s")
 
 
 def http_baseline(vs: VectorSet, factory: str, nprobe: int, workdir: str) -> tuple[str, Callable[[], None]]:
@@ -247,10 +235,8 @@ def bench_serving(vs: VectorSet, workdir: str, serve: Callable[[str, Optional[st
     factory = factory_for(vs, "IVF1024,Flat" if len(vs.base) >= 100_000 else None)[0]
     index_dir = os.path.join(workdir, f"index-{vs.name}-{re.sub(r'[^A-Za-z0-9]+', '_', factory)}")
     sharded(vs, factory, index_dir, 2)
-    raw_json = json_bodies(vs, nprobe)
-    raw_binary = [np.ascontiguousarray(q, dtype="<f4").tobytes() for q in vs.queries]
-    b_json = wrk.write_bodies(workdir, "service-json", "/search/vector", "application/json", raw_json)
-    b_binary = wrk.write_bodies(workdir, "service-binary", binary_path(nprobe), "application/octet-stream", raw_binary)
+    bodies = service_bodies(vs, nprobe, workdir, "service")
+    b_json, raw_json = bodies["json"]
     out = {"dataset": vs.name, "n": len(vs.base), "dim": vs.dim, "factory": factory, "nprobe": nprobe, "k": K,
            "seconds_per_level": seconds, "rows": [], "profiles": {}}
     rows = out["rows"]
@@ -266,7 +252,7 @@ def bench_serving(vs: VectorSet, workdir: str, serve: Callable[[str, Optional[st
         url = serve(index_dir, variant_config(workdir, re.sub(r"\W+", "-", name), overrides) if overrides else None)
         note = f"{factory}, 2 shards, nprobe {nprobe}"
         rows += measure_engine(f"{name}, JSON", url, b_json, raw_json, service_ids, vs, seconds, note)
-        rows += measure_engine(f"{name}, binary float32", url, b_binary, raw_binary, service_ids, vs, seconds, note)
+        rows += measure_engine(f"{name}, binary float32", url, *bodies["binary"], service_ids, vs, seconds, note)
         LOG.info("profiling %s at 32 connections for %.0f s", name, profile_s)
         out["profiles"][name] = profile.profile(lambda s: wrk.run(url, b_json, 32, s), profile_s)
 

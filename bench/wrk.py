@@ -15,6 +15,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from bench.common import wait_port
+
 # Loads every body (one hex-encoded line each, so binary bodies survive), then cycles through
 # them; prints one machine-readable line at the end.
 LUA = r"""
@@ -86,8 +88,6 @@ class StaticEndpoint:
     small JSON body from memory: what the generator reaches when the server costs ~nothing."""
 
     def __init__(self, port: int):
-        from bench.serving import wait_port
-
         binary = haproxy_binary()
         self.dir = tempfile.mkdtemp(prefix="bench-static-")
         cfg = os.path.join(self.dir, "haproxy.cfg")

@@ -260,6 +260,10 @@ class Ingress:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
     async def _search_batch(self, queries: list[Query]) -> list:
         """Concurrent queries travel to each shard as one matrix (pipeline.run_batch)."""
+        return await self._fan_out(queries)
+
+    async def _fan_out(self, queries: list[Query]) -> list:
+        """pipeline.run_batch, counted in `searching` while it runs."""
         self.searching += 1
         try:
             return await run_batch(queries)
@@ -279,11 +283,7 @@ class Ingress:
         if self.searching:  # others are on their way to the shards: join the next batch
             hits = await self._search_batch(query)
         else:  # alone: straight to the shards, without the batch queue's hops
-            self.searching += 1
-            try:
-                hits = (await run_batch([query]))[0]
-            finally:
-                self.searching -= 1
+            hits = (await self._fan_out([query]))[0]
         if isinstance(hits, Overloaded):
             raise overloaded("every shard")
         if isinstance(hits, ShardsUnavailable):

@@ -38,8 +38,7 @@ class Shard:
         refresh_every(GAUGE_REFRESH_S, self._report_size)
         # Searches over the replica's own port (wire.py), bounded like Serve bounds handle calls
         # (search_limit = max ongoing + max queued).
-        self.server = ShardServer(lambda q, k, p: self.shard.search(q, k, p or self.nprobe), search_limit,
-                                  self._observe_search)
+        self.server = ShardServer(self._search_now, search_limit, self._observe_search)
         self._listening: Optional[asyncio.Task] = None
         LOG.info("shard %d loaded: %d vectors", shard_no, self.shard.ntotal)
 
@@ -47,9 +46,12 @@ class Shard:
         """{"D", "I", "meta"} for a whole matrix of queries (the Ingress batches concurrent
         requests); faiss releases the GIL, so it runs in a worker thread."""
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(self.shard.search, queries, k, nprobe or self.nprobe)
+        out = await asyncio.to_thread(self._search_now, queries, k, nprobe)
         self._observe_search(time.perf_counter() - t0)
         return out
+
+    def _search_now(self, queries: np.ndarray, k: int, nprobe: Optional[int]) -> dict:
+        return self.shard.search(queries, k, nprobe or self.nprobe)
 
     def _observe_search(self, seconds: float) -> None:
         self.metrics.stages.observe(seconds, tags={"stage": SHARD_SEARCH})

@@ -177,7 +177,7 @@ class ShardConnection:
         for option, value in (("TCP_KEEPIDLE", 4), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
             if hasattr(socket, option):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-        self._reading = asyncio.create_task(self._read())
+        self._reading = asyncio.create_task(self._read())  # held: the loop keeps only weak task references
         return self
 
     async def _read(self) -> None:

@@ -313,9 +313,10 @@ def run_training(images: str, out: str, cfg: AppConfig, labels: Optional[str] = 
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     path = export(state, cfg.model, os.path.join(out, MODEL_FILE))
     summary = {"model": path, "epochs": state["epoch"] + 1, "history": state["history"],
-               "train_images": len(data.paths), "heldout_images": len(data.heldout), "seconds": round(time.time() - t0, 1)}
+               "train_images": len(data.paths), "heldout_images": len(data.heldout),
+               "training_seconds": round(time.time() - t0, 1)}
     summary["evaluation"] = evaluate_before_after(data, cfg, path, out)
-    summary["training_seconds"], summary["seconds"] = summary["seconds"], round(time.time() - t0, 1)
+    summary["seconds"] = round(time.time() - t0, 1)  # with the evaluation
     summary["warning"] = copy_warning(summary["evaluation"], t)
     with open(os.path.join(out, "train.json"), "w") as f:
         json.dump(summary, f, indent=1)
