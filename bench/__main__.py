@@ -12,6 +12,10 @@
   memory     resident bytes per vector of a shard replica vs the code size of the factory
   routing    shards a query visits under hash vs cell placement, at 8/64/384 simulated shards, on the
              real photos' embeddings and on synthetic vectors (1M; --quick 50k): recall@10, skew
+  corpus     images/s of `python -m indexing search` vs POST /search driven by wrk at its best concurrency,
+             on mildly edited copies of --images (1,500; --quick 300), and their top-1 agreement
+  corpus-scaling  `python -m indexing copy-groups` on 100k vectors with planted near-copies (--quick 20k)
+             on a ray.cluster_utils.Cluster of 1 and 2 worker nodes: time per job, work per node
   chaos      a multi-node cluster on this machine under load through node loss, a rolling redeploy
              and SIGKILLs of every component; every request's outcome checked (docs/reliability.md)
 
@@ -137,6 +141,13 @@ def run(verbs: list[str], images: str, out: str, quick: bool, port: int, factory
         results["serving"] = bench_serving(serving_set(), work, svc.serve, nprobe=nprobe,
                                            seconds=5 if quick else 10, profile_s=10 if quick else 20)
         progress.update()
+    if "corpus" in verbs:
+        from bench.corpus import bench_bulk, plot, write
+
+        results["corpus"] = bench_bulk(images, work, svc.serve, size["index_images"], seconds=5 if quick else 10)
+        write(out, "corpus-search", results["corpus"])
+        plot(results["corpus"], os.path.join(out, "corpus-search.png"))
+        progress.update()
     if "levers" in verbs:
         from bench.levers import run_levers
         from bench.search import factory_for, sharded
@@ -158,7 +169,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("verb", choices=["all", "search", "serving", "levers", "embedding", "indexing", "load", "memory", "chaos", "routing",
-                                      "verify"])
+                                      "verify", "corpus", "corpus-scaling"])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--images", default=os.path.join(os.environ.get("DATA", os.path.join("..", "shared", "data")), "scene15"),
                    help="folder of real photos (default: $DATA/scene15, see docs/data.md)")
@@ -188,6 +199,15 @@ def main(argv=None) -> int:
                            args.compact_after_bytes, args.switch_shards)
         write_report(args.out, report)
         print(markdown(report))
+        return 0
+    if args.verb == "corpus-scaling":
+        from bench.corpus import bench_scaling, plot, write
+
+        work = os.path.join(args.out, "work")
+        os.makedirs(work, exist_ok=True)
+        report = bench_scaling(work, 20_000 if args.quick else 100_000, 1_000 if args.quick else 5_000)
+        print(write(args.out, "corpus-scaling", report))
+        plot(report, os.path.join(args.out, "corpus-scaling.png"))
         return 0
     if not os.path.isdir(args.images):
         print(f"error: --images {args.images} is not a folder of photos", file=sys.stderr)

@@ -112,6 +112,41 @@ class BuildConfig(_Strict):
         return self
 
 
+class CorpusConfig(_Strict):
+    """The jobs over a whole index: `python -m indexing copy-groups` and `python -m indexing search`."""
+
+    neighbours: PositiveInt = Field(100, description="copy-groups: nearest vectors of each image taken as its copy "
+                                    "candidates (a heavily edited copy can rank low among similar scenes)")
+    min_score: float = Field(0.3, description="copy-groups: candidates scoring below this (cosine) are not copies")
+    nprobe: Optional[PositiveInt] = Field(64, description="copy-groups: IVF cells each search visits, above a query's "
+                                          "default (a candidate missed is a copy missed; searches cost little beside "
+                                          "verification); null: the index's nprobe")
+    hash_min_score: float = Field(0.6, description="copy-groups: the hash rule confirms a pair verification cannot "
+                                  "judge only at or above this score (flat pictures without keypoints share hashes)")
+    sure_score: float = Field(0.97, description="copy-groups: between images indexed from vectors (no pixels, no "
+                              "hash, nothing to verify), a candidate pair is a copy at or above this score")
+    min_contained: float = Field(0.8, ge=0, le=1, description="copy-groups: a verified copy has at least this share of "
+                                 "the smaller picture inside the larger under the fitted transform (an overlapping "
+                                 "shot of the same scene has as many inliers)")
+    verify: bool = Field(True, description="copy-groups: verify candidates by local features where both images "
+                         "are readable; false: the hash rule and sure_score alone")
+    chunk: PositiveInt = Field(2048, description="vectors per search task: one shard's slice, searched against every shard")
+    search_actors: PositiveInt = Field(2, description="most actors searching (and ranking) side by side: the pool "
+                                       "starts with one and grows while work waits")
+    search_actor_cpus: PositiveFloat = Field(0.5, description="CPUs reserved per search actor")
+    reader_cpus: PositiveFloat = Field(0.1, description="CPUs reserved per shard reader actor (memory bounds them, not CPU)")
+    verify_tasks: PositiveInt = Field(64, description="copy-groups: most verification tasks at once (each one chunk of pairs)")
+    verify_task_cpus: PositiveFloat = Field(1.0, description="CPUs reserved per feature or verification task")
+    verify_pairs_per_task: PositiveInt = Field(4000, description="candidate pairs one verification task matches")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if not -1.0 <= self.min_score <= min(self.hash_min_score, self.sure_score) <= 1.0 or self.sure_score > 1.0:
+            raise ValueError(f"need -1 <= min_score ({self.min_score}) <= hash_min_score ({self.hash_min_score}), "
+                             f"sure_score ({self.sure_score}) <= 1")
+        return self
+
+
 class ServeConfig(_Strict):
     """The Ray Serve application. Replica counts of the embedder and the ingress live in
     serve_config.yaml (Serve's own schema); shard replication lives here because shard deployments
@@ -244,6 +279,7 @@ class AppConfig(_Strict):
     decode: DecodeConfig = DecodeConfig()
     index: IndexConfig = IndexConfig()
     build: BuildConfig = BuildConfig()
+    corpus: CorpusConfig = CorpusConfig()
     serve: ServeConfig = ServeConfig()
     train: TrainConfig = TrainConfig()
 

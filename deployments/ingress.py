@@ -32,18 +32,18 @@ from deployments.http import (
     parse_size, parse_uri, parse_vector_request, read_body, read_image, token_in, vector_body_limit,
 )
 from deployments import environment, openapi, thumbnails
-from deployments.cache import BytesLRU
 from deployments.metrics import DECODE_EMBED, FANOUT, MERGE_RANK, VERIFY, IngressMetrics
 from deployments.pipeline import (
     KeyedLocks, Overloaded, Query, Router, ShardsUnavailable, once_more, rank, run_batch, within,
 )
 from deployments.wire import ShardLink, ShardOverloaded
 from indexing.catalog import sha_key
+from indexing.cache import BytesLRU
 from indexing.cells import CellRouting
 from indexing.ids import derived_id
 from indexing.idlocks import id_lock
 from indexing.live import SealedError
-from indexing.policy import verified_first
+from indexing.policy import verification_shortlist, verified_first
 
 LOG = logging.getLogger("ray.serve")
 # Routes that stay open when the Ingress is at its in-flight limit: operators need them most then.
@@ -336,15 +336,12 @@ class Ingress:
         return JSONResponse({"results": ranked[:k], "collapsed": collapsed[0], "partial": partial,
                              "verified": verified, "took_ms": _ms(t0)})
 
-    async def _verified(self, data: bytes, own: str, ranked: list[dict], meta: dict) -> tuple[list[dict], bool]:
+    async def _verified(self, data: bytes, own: int, ranked: list[dict], meta: dict) -> tuple[list[dict], bool]:
         """The results with those the Verifier finds to be copies of the query first, after the
         query's own bytes where indexed (those need no verifying: an image with few keypoints
         would not verify against itself); the order as it was (and False) when it does not
         answer within serve.verify_timeout_s."""
-        exact = [{**h, "same_photo": True} for h in ranked if h["id"] in meta and meta[h["id"]][1] == own]
-        ranked = [h for h in ranked if h["id"] not in meta or meta[h["id"]][1] != own]
-        head = ranked[: self.cfg.verify_top]
-        candidates = [{"id": h["id"], "uri": h["uri"], "sha64": meta[h["id"]][1]} for h in head if h["id"] in meta]
+        exact, ranked, candidates = verification_shortlist(ranked, meta, own, self.cfg.verify_top)
         roots = await self._readable_roots()
         t0 = time.perf_counter()
         try:

@@ -57,6 +57,10 @@ class Match:
 
     inliers: int
     coverage: float
+    # Share of the query's frame that the transform puts inside the candidate's: about 1 for a
+    # crop, resize or turn of the candidate, well under it for an overlapping shot of the same
+    # scene (a camera panned), which can share as many inliers.
+    contained: float = 0.0
 
 
 NO_MATCH = Match(0, 0.0)
@@ -107,7 +111,7 @@ def match(query: Features, candidate: Features) -> Match:
         return NO_MATCH
     src = query.points[good]
     dst = candidate.points[d[good].argmin(axis=1)]
-    _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION_PX)
+    transform, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION_PX)
     if mask is None:
         return NO_MATCH
     keep = mask.ravel().astype(bool)
@@ -115,9 +119,20 @@ def match(query: Features, candidate: Features) -> Match:
     if inliers < 3:
         return Match(inliers, 0.0)
     coverage = (_hull_share(src[keep], query.size) + _hull_share(dst[keep], candidate.size)) / 2
-    return Match(inliers, round(coverage, 3))
+    return Match(inliers, round(coverage, 3), round(_contained(transform, query.size, candidate.size), 3))
 
 
 def _hull_share(points: np.ndarray, size: tuple[int, int]) -> float:
     area = cv2.contourArea(cv2.convexHull(points.reshape(-1, 1, 2)))
     return min(1.0, float(area) / float(size[0] * size[1]))
+
+
+def _contained(transform: np.ndarray, size: tuple[int, int], into: tuple[int, int]) -> float:
+    w, h = size
+    frame = np.float32([[0, 0], [w, 0], [w, h], [0, h]]) @ transform[:, :2].T.astype(np.float32) + \
+        transform[:, 2].astype(np.float32)
+    area = cv2.contourArea(frame)
+    if area <= 0:
+        return 0.0
+    inside, _ = cv2.intersectConvexConvex(frame, np.float32([[0, 0], [into[0], 0], [into[0], into[1]], [0, into[1]]]))
+    return min(1.0, float(inside) / float(area))

@@ -1,4 +1,5 @@
-"""`python -m evaluation run|ann`: retrieval quality of the model, and ANN quality of an index."""
+"""`python -m evaluation run|ann|edits|codecs|copies|copy-groups`: retrieval quality of the model, ANN quality
+of an index, robustness to edits, and the quality of copy groups."""
 from __future__ import annotations
 
 import argparse
@@ -149,6 +150,49 @@ def _cmd_codecs(args) -> int:
     return 0
 
 
+def _cmd_copy_groups(args) -> int:
+    from evaluation.groups import pairwise_quality, read_truth, write_copy_corpus
+    from evaluation.run import read_csv
+    from indexing.__main__ import main as indexing_main
+
+    root = args.root or os.path.dirname(os.path.abspath(args.labels))
+    corpus, index, out = (os.path.join(args.work, d) for d in ("corpus", "index", "groups"))
+    if not os.path.exists(os.path.join(corpus, "truth.csv")):
+        paths = [r[0] for r in read_csv(args.labels, ("path",))]
+        rows = write_copy_corpus(root, paths, corpus, args.copied, args.seed)
+        print(f"wrote {len(rows)} files ({len(paths)} photos, {args.copied} of them with 4 edited copies) to {corpus}")
+    config = ["--config", args.config] if args.config else []
+    if not os.path.exists(os.path.join(index, "manifest.json")):
+        if indexing_main(["build", "--images", corpus, "--index-dir", index, *config]):
+            return 2
+    extra = ["--neighbours", str(args.neighbours)] if args.neighbours else []
+    if indexing_main(["copy-groups", "--index-dir", index, "--out", out, *config, *extra]):
+        return 2
+    import pyarrow.parquet as pq
+
+    groups = pq.read_table(os.path.join(out, "groups.parquet"), columns=["group", "uri"]).to_pylist()
+    group_of = {os.path.relpath(g["uri"], corpus): g["group"] for g in groups}
+    result = pairwise_quality(group_of, read_truth(corpus))
+    if args.same_photo:
+        also = pairwise_quality(group_of, read_truth(corpus, args.same_photo))
+        result["with_same_photo"] = {"file": args.same_photo, "precision": also["precision"],
+                                     "recall_all": also["recall_all"], "wrong": also["wrong"]}
+    with open(os.path.join(out, "summary.json")) as f:
+        result["job"] = json.load(f)
+    print(f"pairwise precision {result['precision']:.4f} over {result['pairs_grouped']} grouped pairs; recall: "
+          f"mild {result['recall_mild']:.4f}, heavy {result['recall_heavy']:.4f}, all {result['recall_all']:.4f}")
+    for w in result["wrong"]:
+        print(f"  {w['pairs']} pairs join the files of two photos: {' and '.join(w['photos'])}")
+    if args.same_photo:
+        print(f"pairwise precision {result['with_same_photo']['precision']:.4f} counting the pairs of {args.same_photo} "
+              "as one photo each")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -213,6 +257,19 @@ def main(argv=None) -> int:
     c.add_argument("--bits", type=int, help="threshold to report the share within (default: serve.near_duplicate_bits)")
     c.add_argument("--config", help="YAML config (model.image_size, serve.near_duplicate_bits)")
     c.set_defaults(fn=_cmd_copies)
+    g = sub.add_parser("copy-groups", help="pairwise precision and recall of `indexing copy-groups` on photos with "
+                       "planted edited copies")
+    g.add_argument("--labels", required=True, help="CSV whose first column lists the photos (e.g. scene15's labels.csv)")
+    g.add_argument("--root", help="folder the CSV paths are relative to (default: the CSV's folder)")
+    g.add_argument("--work", required=True, help="folder for the corpus, its index and the groups (reused when present)")
+    g.add_argument("--copied", type=int, default=300, help="photos given 2 mild and 2 heavy edited copies")
+    g.add_argument("--seed", type=int, default=0, help="which photos are copied")
+    g.add_argument("--neighbours", type=int, help="candidates per image (default: corpus.neighbours)")
+    g.add_argument("--same-photo", help="CSV of pairs of --labels paths that show one photo (the set's own copies, "
+                   "checked by eye): precision is also given counting them as one photo")
+    g.add_argument("--config", help="YAML config")
+    g.add_argument("--out", help="write the result as JSON here")
+    g.set_defaults(fn=_cmd_copy_groups)
     args = p.parse_args(argv)
     logs.setup(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per query sent to --url

@@ -118,35 +118,44 @@ def decode_batch(batch: dict, *, root: str, scheme: str, image_size: int, decode
 
 class Tally:
     """A count the workers of a job add to and its driver reads (progress of a Ray Data pipeline,
-    whose rows the driver never sees). Used as a Ray actor of no CPU."""
+    whose rows the driver never sees), optionally split by a key (the node that did the work).
+    Used as a Ray actor of no CPU."""
 
     def __init__(self):
         self.n = 0
+        self.keys: dict[str, int] = {}
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, key: Optional[str] = None) -> None:
         self.n += n
+        if key is not None:
+            self.keys[key] = self.keys.get(key, 0) + n
 
     def get(self) -> int:
         return self.n
 
+    def by_key(self) -> dict[str, int]:
+        return dict(self.keys)
+
 
 class EmbedBatch:
-    """Ray Data actor: loads the model once, embeds the rows that decoded, and tags each row's shard.
+    """Ray Data actor: loads the model once, embeds the rows that decoded (as an index holds them,
+    or with `for_index=False` as a search's query), and with a slot table tags each row's shard.
     Each batch done is added to `tally` (a Tally actor) when one is given."""
 
-    def __init__(self, model: dict, slot_table: list[int], tally=None):
+    def __init__(self, model: dict, slot_table: Optional[list[int]], tally=None, for_index: bool = True):
         from embedding.embedder import Embedder
 
         self.embedder = Embedder(ModelConfig(**model))
-        self.slot_table, self.tally = slot_table, tally
+        self.slot_table, self.tally, self.for_index = slot_table, tally, for_index
 
     def __call__(self, batch: dict) -> pa.Table:
         ok = batch["error"] == ""
         emb = np.zeros((len(ok), self.embedder.dim), np.float32)
         if ok.any():
-            emb[ok] = self.embedder.embed_pixels(batch["pixels"][ok], for_index=True)
+            emb[ok] = self.embedder.embed_pixels(batch["pixels"][ok], for_index=self.for_index)
         cols = {k: batch[k] for k in ("id", "uri", "sha256", "phash", "width", "height", "error")}
-        cols["shard"] = shard_of(batch["id"], self.slot_table)
+        if self.slot_table is not None:
+            cols["shard"] = shard_of(batch["id"], self.slot_table)
         table = pa.table({k: pa.array(np.asarray(v)) for k, v in cols.items()})
         if self.tally is not None:
             self.tally.add.remote(len(ok))  # not awaited: a count, off the pipeline's path
@@ -379,33 +388,53 @@ class _CpuAlarmFilter(logging.Filter):
         return "does not have any available CPUs" not in record.getMessage()
 
 
-def fit_to_free_cpus(b: BuildConfig, use_gpu: bool, wait_s: float = 30.0, settle_s: float = 3.0) -> BuildConfig:
-    """The build's CPU reservations, scaled down when the cluster has fewer CPUs free than one
-    embedding actor plus one decode task need (a service holding part of a small machine): the
-    actor pool would wait for CPUs that never free up, and the build would hang without a word.
-    Waits first, up to `wait_s`, for CPUs that are freeing up (the actors of a job that just
-    ended), but no longer than `settle_s` once the free count stops growing: a service's
-    reservations do not go away by waiting."""
+def free_cpus(need: float, wait_s: float = 30.0, settle_s: float = 3.0) -> float:
+    """The Ray cluster's free CPUs, once `need` are free (or all the cluster has, when it has
+    fewer) or the count stops growing (see fit_to_free_cpus); raises BuildError when none is free."""
     import ray
 
-    ray_data_log = logging.getLogger("ray.data.dataset")
-    if not any(isinstance(f, _CpuAlarmFilter) for f in ray_data_log.filters):
-        ray_data_log.addFilter(_CpuAlarmFilter())
-    need = (0 if use_gpu else b.actor_num_cpus * b.min_actors) + b.decode_num_cpus
     free, deadline = ray.available_resources().get("CPU", 0.0), time.time() + wait_s
     settled = time.time() + settle_s
-    while free < need and time.time() < min(deadline, settled):
+    enough = min(need, ray.cluster_resources().get("CPU", 0.0))
+    while free < enough and time.time() < min(deadline, settled):
         time.sleep(0.5)
         now = ray.available_resources().get("CPU", 0.0)
         if now > free:
             settled = time.time() + settle_s
         free = now
+    if free < min(need, 0.1):
+        raise BuildError(f"no CPU is free on the Ray cluster ({free:.2f}): stop what holds them or add nodes")
+    return free
+
+
+def fit_cpus(want: float) -> float:
+    """`want` CPUs for a job's tasks, or 90% of those free when fewer are (a service holding part
+    of a small machine): a reservation that never fits would leave the job waiting silently."""
+    free = free_cpus(want)
+    if free >= want:
+        return want
+    LOG.warning("only %.2f CPUs are free (the job asks for %.2f): reserving %.2f", free, want, free * 0.9)
+    return free * 0.9
+
+
+def fit_to_free_cpus(b: BuildConfig, use_gpu: bool, wait_s: float = 30.0, settle_s: float = 3.0,
+                     extra: float = 0.0) -> BuildConfig:
+    """The build's CPU reservations, scaled down when the cluster has fewer CPUs free than one
+    embedding actor plus one decode task need (a service holding part of a small machine): the
+    actor pool would wait for CPUs that never free up, and the build would hang without a word.
+    Waits first, up to `wait_s`, for CPUs that are freeing up (the actors of a job that just
+    ended), but no longer than `settle_s` once the free count stops growing: a service's
+    reservations do not go away by waiting. `extra` CPUs that a later stage of the same job
+    reserves count in the need; scale that stage by the ratio the returned config was scaled by."""
+    ray_data_log = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, _CpuAlarmFilter) for f in ray_data_log.filters):
+        ray_data_log.addFilter(_CpuAlarmFilter())
+    need = (0 if use_gpu else b.actor_num_cpus * b.min_actors) + b.decode_num_cpus + extra
+    free = free_cpus(need, wait_s, settle_s)
     if free >= need:
         return b
-    if free < 0.1:
-        raise BuildError(f"no CPU is free on the Ray cluster ({free:.2f}): stop what holds them or add nodes")
     scale = free * 0.9 / need
-    LOG.warning("only %.2f CPUs are free (the build asks for %.2f): reserving %.0f%% of the configured "
+    LOG.warning("only %.2f CPUs are free (the job asks for %.2f): reserving %.0f%% of the configured "
                 "build.actor_num_cpus and build.decode_num_cpus", free, need, scale * 100)
     return b.model_copy(update={"actor_num_cpus": b.actor_num_cpus * scale, "decode_num_cpus": b.decode_num_cpus * scale})
 

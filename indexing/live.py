@@ -35,7 +35,7 @@ from indexing.catalog import (
 from indexing.ids import shard_of
 from indexing.manifest import Manifest, read_manifest
 from indexing.merge import merge_topk
-from indexing.shards import add_to_shard, is_refine, read_index, search_shard, shard_ids
+from indexing.shards import add_to_shard, is_refine, read_index, search_shard, shard_ids, shard_vectors
 
 LOG = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class LiveShard:
         self.in_delta: set[int] = set()
         self.moved: set[int] = set()     # snapshot ids whose snapshot vector no longer counts
         self.gone: set[int] = set()      # snapshot ids deleted since the snapshot
-        self._excluded: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._excluded: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
         self.generation, self.log_name, self.offset = state["generation"], state["log"], 0
         self._applied: Optional[tuple[int, bytes]] = None  # (start, header) of the last frame applied
         self.sync()
@@ -383,16 +383,19 @@ class LiveShard:
             return "", 0, None
         return c.uri(p), int(c.sha64[p]), int(c.phash[p]) if c.flags[p] & HASHED else None
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int) -> dict:
-        """(D, I) with flagged ids filtered inside the search, and (uri, sha256 prefix, perceptual
-        hash) of the hits: what the ranking policy needs to collapse copies."""
+    def search(self, queries: np.ndarray, k: int, nprobe: int, include_hidden: bool = False) -> dict:
+        """(D, I) with flagged ids filtered inside the search (kept with `include_hidden`: an
+        operator's corpus jobs), and (uri, sha256 prefix, perceptual hash) of the hits: what the
+        ranking policy needs to collapse copies."""
         self.sync()
         with self._mutex:
             if self._excluded is None:
                 hidden = self.hidden()
                 moved = np.fromiter(self.moved, np.int64, len(self.moved))
-                self._excluded = (np.union1d(hidden, moved), hidden)
-            base_exclude, delta_exclude = self._excluded
+                self._excluded = (np.union1d(hidden, moved), hidden, moved)
+            base_exclude, delta_exclude, moved = self._excluded
+            if include_hidden:
+                base_exclude, delta_exclude = moved, None
             D, I = search_shard(self.base, queries, k, nprobe, exclude=base_exclude)
             if self.delta.ntotal:
                 D, I = merge_topk([(D, I), search_shard(self.delta, queries, k, nprobe, exclude=delta_exclude)], k,
@@ -404,6 +407,27 @@ class LiveShard:
     @property
     def ntotal(self) -> int:
         return int(self.base.ntotal - len(self.moved) + self.delta.ntotal)
+
+    @property
+    def positions(self) -> int:
+        """How many vector positions `vectors` reads from: the snapshot's, then the writes'."""
+        return int(self.base.ntotal + self.delta.ntotal)
+
+    def vectors(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) at positions start..stop (the snapshot's, then those written since, as
+        shards.shard_vectors decodes them), less the snapshot's that writes replaced or deleted."""
+        self.sync()
+        with self._mutex:
+            nb = int(self.base.ntotal)
+            stale = self.moved | self.gone
+            ids, x = shard_vectors(self.base, start, min(stop, nb))
+            if stale and len(ids):
+                keep = ~np.isin(ids, np.fromiter(stale, np.int64, len(stale)))
+                ids, x = ids[keep], x[keep]
+            if stop > nb and self.delta.ntotal:
+                di, dx = shard_vectors(self.delta, max(start - nb, 0), stop - nb)
+                ids, x = np.concatenate([ids, di]), np.concatenate([x, dx])
+        return ids, x
 
     # ------------------------------------------------------------------ compaction
 

@@ -84,3 +84,15 @@ def verified_first(results: list[dict], found: dict, min_inliers: int) -> list[d
     chosen = {r["id"] for r in verified}
     return [{**r, "same_photo": True, "inliers": found[r["id"]][0], "coverage": found[r["id"]][1]} for r in verified] + \
         [r for r in results if r["id"] not in chosen]
+
+
+def verification_shortlist(ranked: list[dict], meta: dict, own_sha: Optional[int], top: int
+                           ) -> tuple[list[dict], list[dict], list[dict]]:
+    """What a verified image search checks: (the results holding the query's own bytes, marked
+    `same_photo` (they need no verifying: an image with few keypoints would not verify against
+    itself), the other results, and the candidates {"id", "uri", "sha64"} among the first `top`
+    of those to verify). The answer is then exact + verified_first(others, found, min_inliers)."""
+    exact = [{**h, "same_photo": True} for h in ranked if h["id"] in meta and meta[h["id"]][1] == own_sha]
+    others = [h for h in ranked if h["id"] not in meta or meta[h["id"]][1] != own_sha]
+    candidates = [{"id": h["id"], "uri": h["uri"], "sha64": meta[h["id"]][1]} for h in others[:top] if h["id"] in meta]
+    return exact, others, candidates
