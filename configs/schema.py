@@ -53,6 +53,15 @@ class ModelConfig(_Strict):
 MODEL_RUNTIME_FIELDS = {"device", "runtime", "onnx_cache", "fp16_on_cuda", "batch_size"}
 
 
+def index_model(model: "ModelConfig", built: Optional[dict]) -> dict:
+    """The model that embedded an index (its manifest's `model`), run where and how `model` says
+    (MODEL_RUNTIME_FIELDS); `model` itself for an index of vectors. An index built before
+    model.index_views existed holds whole-image vectors: new ones must match them."""
+    if not built:
+        return model.model_dump()
+    return {"index_views": [], **built, **model.model_dump(include=MODEL_RUNTIME_FIELDS)}
+
+
 class DecodeConfig(_Strict):
     """Limits on uploaded images, checked before any pixel is decoded."""
 
@@ -123,7 +132,7 @@ class CorpusConfig(_Strict):
                                           "verification); null: the index's nprobe")
     hash_min_score: float = Field(0.6, description="copy-groups: the hash rule confirms a pair verification cannot "
                                   "judge only at or above this score (flat pictures without keypoints share hashes)")
-    sure_score: float = Field(0.97, description="copy-groups: between images indexed from vectors (no pixels, no "
+    sure_score: float = Field(0.97, description="copy-groups: where an image was indexed from vectors (no pixels, no "
                               "hash, nothing to verify), a candidate pair is a copy at or above this score")
     min_contained: float = Field(0.8, ge=0, le=1, description="copy-groups: a verified copy has at least this share of "
                                  "the smaller picture inside the larger under the fitted transform (an overlapping "

@@ -15,7 +15,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from configs.schema import MODEL_RUNTIME_FIELDS, load_config
+from configs.schema import index_model, load_config
 from deployments.embedder import Embedder
 from deployments.index import Index
 from deployments.ingress import Ingress
@@ -62,10 +62,8 @@ def build_app(args: dict) -> serve.Application:
     """The HTTP front: embedder (with the model that built the current index) and ingress."""
     cfg, _, m = AppArgs.model_validate(args).load()
     # The model that embedded the corpus (from the manifest), run where and how this service's
-    # config says (device, runtime, batch). An index built before model.index_views existed holds
-    # whole-image vectors: writes match them.
-    here = cfg.model.model_dump(include=MODEL_RUNTIME_FIELDS)
-    model_cfg = {"index_views": [], **m.model, **here} if m.model else cfg.model.model_dump()
+    # config says (device, runtime, batch).
+    model_cfg = index_model(cfg.model, m.model)
     embedder = Embedder.bind(model_cfg, cfg.decode.model_dump(), cfg.serve.max_batch_size,
                              cfg.serve.batch_wait_timeout_s, cfg.serve.embedder_threads, cfg.serve.max_concurrent_decodes)
     # Tokens are not constructor arguments (the dashboard shows those): each replica reads them

@@ -179,8 +179,9 @@ def _cmd_copy_groups(args) -> int:
                                      "recall_all": also["recall_all"], "wrong": also["wrong"]}
     with open(os.path.join(out, "summary.json")) as f:
         result["job"] = json.load(f)
-    print(f"pairwise precision {result['precision']:.4f} over {result['pairs_grouped']} grouped pairs; recall: "
-          f"mild {result['recall_mild']:.4f}, heavy {result['recall_heavy']:.4f}, all {result['recall_all']:.4f}")
+    recall = ", ".join(f"{k} {result[f'recall_{k}']:.4f}" for k in ("mild", "heavy", "all")
+                       if result[f"recall_{k}"] is not None)
+    print(f"pairwise precision {result['precision']:.4f} over {result['pairs_grouped']} grouped pairs; recall: {recall}")
     for w in result["wrong"]:
         print(f"  {w['pairs']} pairs join the files of two photos: {' and '.join(w['photos'])}")
     if args.same_photo:

@@ -89,6 +89,8 @@ def _cmd_copy_groups(args) -> int:
     from indexing.copygroups import copy_groups
     from indexing.manifest import read_manifest
 
+    if args.nprobe is not None and args.nprobe < 1:
+        raise UsageError(f"--nprobe must be >= 1, got {args.nprobe}")
     read_manifest(args.index_dir)  # no index there fails now, not after Ray has started
     cfg = load_config(args.config, _corpus_overrides(args))
     _init_ray(args.address)
@@ -104,6 +106,8 @@ def _cmd_search(args) -> int:
 
     if args.k < 1:
         raise UsageError(f"--k must be >= 1, got {args.k}")
+    if args.nprobe is not None and args.nprobe < 1:
+        raise UsageError(f"--nprobe must be >= 1, got {args.nprobe}")
     cfg = load_config(args.config)
     read_manifest(args.index_dir)
     storage.check_folder(args.images)

@@ -10,7 +10,6 @@ parquet file of results, failed.jsonl for the queries that could not be read.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -25,7 +24,6 @@ from indexing import storage
 from indexing.catalog import sha_key
 from indexing.manifest import read_manifest
 
-LOG = logging.getLogger(__name__)
 RESULTS_FILE, FAILED_FILE = "results.parquet", "failed.jsonl"
 RESULTS_SCHEMA = pa.schema([("query_uri", pa.string()), ("rank", pa.int32()), ("id", pa.int64()),
                             ("uri", pa.string()), ("score", pa.float32()), ("verified", pa.bool_())])
@@ -89,7 +87,10 @@ class SearchBatch:
             for uri, own_sha, ranked in zip(np.asarray(uris, dtype=object)[ok], own, results):
                 if self.verify and ranked:
                     exact, others, candidates = verification_shortlist(ranked, hits.meta, own_sha, self.cfg.verify_top)
-                    found = self.verifier.verify(storage.read_bytes(uri), candidates, self.roots)
+                    try:
+                        found = self.verifier.verify(storage.read_bytes(uri), candidates, self.roots)
+                    except OSError:  # the query file went away since it was embedded: answered unverified
+                        found = {}
                     ranked = exact + verified_first(others, found, self.cfg.verify_min_inliers)
                 for r, hit in enumerate(ranked[: self.k], 1):
                     self._row(rows, uri, r, hit, "")
@@ -112,6 +113,7 @@ def bulk_search(images: str, index_dir: str, out: str, cfg: AppConfig, *, k: int
     images from the index's folders, `serve.uri_roots` and `allow`, as the service does."""
     import ray
 
+    from configs.schema import ModelConfig, index_model
     from indexing.build import EmbedBatch, decode_batch, fit_to_free_cpus
     from indexing.readers import open_readers
 
@@ -123,32 +125,32 @@ def bulk_search(images: str, index_dir: str, out: str, cfg: AppConfig, *, k: int
     fs, root = storage.resolve(images)
     scheme = images.split("://", 1)[0] + "://" if "://" in images and not images.startswith("file://") else ""
     c = cfg.corpus
+    model = index_model(cfg.model, manifest.model)  # queries embedded as the service embeds them
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     # Every reservation of the job in one request, before any is made: waiting for CPUs that the
     # job's own readers hold would be waiting for nothing.
     extra = c.search_actors * c.search_actor_cpus + manifest.num_shards * c.reader_cpus
     b = fit_to_free_cpus(cfg.build, use_gpu, extra=extra)
     scale = b.decode_num_cpus / cfg.build.decode_num_cpus
-    readers = open_readers(index_dir, manifest, c.reader_cpus * (1.0 if use_gpu else scale),
-                           include_hidden=include_private)
+    readers = open_readers(index_dir, manifest, c.reader_cpus * scale, include_hidden=include_private)
     try:
         ds = ray.data.read_binary_files([p.split("://", 1)[1] if scheme else p for p, _ in listed], include_paths=True,
                                         filesystem=fs, num_cpus=b.decode_num_cpus,
                                         override_num_blocks=max(1, len(listed) // b.decode_batch_size))
         ds = ds.map_batches(decode_batch, batch_size=b.decode_batch_size, batch_format="numpy",
                             num_cpus=b.decode_num_cpus,
-                            fn_kwargs=dict(root=root.replace("\\", "/"), scheme=scheme, image_size=cfg.model.image_size,
+                            fn_kwargs=dict(root=root.replace("\\", "/"), scheme=scheme, image_size=ModelConfig(**model).image_size,
                                            decode=cfg.decode.model_dump()))
         gpus = min(b.min_actors, max(1, int(ray.cluster_resources().get("GPU", 0) // b.gpus_per_actor)))
         ds = ds.map_batches(EmbedBatch, batch_size=b.embed_batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(min_size=gpus if use_gpu else b.min_actors,
                                                                max_size=b.max_actors),
-                            fn_constructor_kwargs=dict(model=cfg.model.model_dump(), slot_table=None, for_index=False),
+                            fn_constructor_kwargs=dict(model=model, slot_table=None, for_index=False),
                             num_gpus=b.gpus_per_actor if use_gpu else 0, num_cpus=None if use_gpu else b.actor_num_cpus)
         roots = cfg.serve.uri_roots + list(allow or []) + list(manifest.sources)
         ds = ds.map_batches(SearchBatch, batch_size=b.embed_batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=c.search_actors),
-                            num_cpus=c.search_actor_cpus * (1.0 if use_gpu else scale),
+                            num_cpus=c.search_actor_cpus * scale,
                             fn_constructor_kwargs=dict(readers=readers, index_dir=index_dir,
                                                        version=manifest.version, serve_cfg=cfg.serve.model_dump(),
                                                        decode=cfg.decode.model_dump(), k=k, verify=verify,

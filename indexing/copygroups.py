@@ -8,8 +8,8 @@
    both images are readable and carry keypoints, geometric verification decides, as the verified
    search path does (indexing.verification: local features + RANSAC, `serve.verify_min_inliers`);
    where it cannot, the search path's hash rule (`serve.near_duplicate_bits`, between vectors that
-   agree too: `corpus.hash_min_score`), and between images
-   indexed without pixels (no hash), a score at or above `corpus.sure_score`. Verification runs as Ray tasks: features
+   agree too: `corpus.hash_min_score`), and where an image was indexed without pixels (no hash),
+   a score at or above `corpus.sure_score`. Verification runs as Ray tasks: features
    once per image, then chunks of pairs.
 3. Groups: connected components of the confirmed pairs. Each group's representative is its
    largest member (pixels, as the build recorded them), the one indexed by the build before one
@@ -23,7 +23,6 @@ a score would accept is therefore verified when its images can be read.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -39,11 +38,13 @@ from indexing import storage
 from indexing.catalog import HASHED, PRIVATE, UNSAFE, sha_keys
 from indexing.manifest import read_manifest
 
-LOG = logging.getLogger(__name__)
 
 # How a pair was confirmed, strongest first; a member is marked with its strongest link.
 CONFIRMATIONS = ("sha256", "verified", "hash", "score")
 GROUPS_FILE, PAIRS_FILE, SUMMARY_FILE, FAILED_FILE = "groups.parquet", "pairs.parquet", "summary.json", "failed.jsonl"
+GROUPS_SCHEMA = pa.schema([("group", pa.int64()), ("id", pa.int64()), ("uri", pa.string()),
+                           ("representative", pa.int64()), ("confirmed", pa.string()), ("private", pa.bool_()),
+                           ("unsafe", pa.bool_())])
 
 
 @dataclass
@@ -52,7 +53,8 @@ class GroupsSummary:
     groups: int
     grouped: int
     candidates: int
-    verified: int
+    verified: int    # candidate pairs local features judged (copies or not)
+    copies: int      # candidate pairs confirmed as copies, by any rule
     unreadable: int
     seconds: float
 
@@ -60,7 +62,8 @@ class GroupsSummary:
         share = 100.0 * self.grouped / self.images if self.images else 0.0
         unreadable = f", {self.unreadable} images unreadable ({FAILED_FILE})" if self.unreadable else ""
         return (f"{self.images} images, {self.groups} copy groups, {self.grouped} images in groups ({share:.1f}%); "
-                f"{self.candidates} candidate pairs, {self.verified} verified{unreadable}; in {self.seconds:.1f} s")
+                f"{self.candidates} candidate pairs ({self.verified} judged by local features), {self.copies} "
+                f"confirmed copies{unreadable}; in {self.seconds:.1f} s")
 
 
 # ---------------------------------------------------------------- plain logic
@@ -132,8 +135,8 @@ def confirm(cat: Catalog, a: np.ndarray, b: np.ndarray, score: np.ndarray, inlie
     not. `inliers` and `contained` are the verification's answer (embedding.local_features.Match),
     -1 where it could not be made (unread images, too few keypoints, verification off): only then
     do the hash rule (with a score of at least `hash_min_score`: flat pictures without keypoints
-    share hashes with each other) and, between images without a hash (indexed from vectors),
-    `sure_score` decide. A verified copy needs, beyond the search path's
+    share hashes with each other) and, where either image has no hash (indexed from vectors:
+    nothing to compare or verify), `sure_score` decide. A verified copy needs, beyond the search path's
     inliers, the smaller picture inside the larger (`min_contained`): an overlapping shot of the
     same scene has as many inliers, and in a group one false link joins two whole groups."""
     pa_, pb = cat.rows(a), cat.rows(b)
@@ -145,8 +148,8 @@ def confirm(cat: Catalog, a: np.ndarray, b: np.ndarray, score: np.ndarray, inlie
     if copy_bits is not None:
         near = hashed & (hash_distance(cat.phash[pa_], cat.phash[pb]) <= copy_bits)
         how[~decided & near & (score >= hash_min_score)] = "hash"
-    # A score decides only between vectors indexed without pixels: a label-trained model packs a
-    # whole category above any such bound (README: Copies of one image).
+    # A score decides only where an image was indexed without pixels: a label-trained model packs
+    # a whole category above any such bound (README: Copies of one image).
     how[~decided & ~hashed & (score >= sure_score)] = "score"
     how[same_bytes] = "sha256"
     return how
@@ -173,6 +176,8 @@ def groups_table(cat: Catalog, a: np.ndarray, b: np.ndarray, how: np.ndarray) ->
     np.minimum.at(strength, pa_, rank)
     np.minimum.at(strength, pb, rank)
     members = np.flatnonzero(strength < len(CONFIRMATIONS))
+    if not len(members):
+        return GROUPS_SCHEMA.empty_table()
     uris = np.array(cat.uri, dtype=object)
     # Representative first within each component: most pixels, indexed by the build, then uri.
     order = members[np.lexsort((uris[members].astype(str), ~cat.built[members], -cat.pixels[members],
@@ -187,11 +192,10 @@ def groups_table(cat: Catalog, a: np.ndarray, b: np.ndarray, how: np.ndarray) ->
     number[by_size] = np.arange(len(starts))
     group = np.repeat(number, sizes)
     table = pa.table({
-        "group": pa.array(group, pa.int64()), "id": pa.array(cat.ids[order], pa.int64()),
-        "uri": pa.array(uris[order].tolist(), pa.string()), "representative": pa.array(rep, pa.int64()),
-        "confirmed": pa.array([CONFIRMATIONS[s] for s in strength[order]], pa.string()),
-        "private": pa.array((cat.flags[order] & PRIVATE) != 0), "unsafe": pa.array((cat.flags[order] & UNSAFE) != 0),
-    })
+        "group": group, "id": cat.ids[order], "uri": uris[order].tolist(), "representative": rep,
+        "confirmed": [CONFIRMATIONS[s] for s in strength[order]],
+        "private": (cat.flags[order] & PRIVATE) != 0, "unsafe": (cat.flags[order] & UNSAFE) != 0,
+    }, schema=GROUPS_SCHEMA)
     return table.take(np.lexsort((table.column("id").to_numpy(), table.column("group").to_numpy())))
 
 
@@ -265,6 +269,7 @@ def verify_pairs(a: np.ndarray, b: np.ndarray, feature_refs: list, min_keypoints
     """Ray task: (inliers, contained) of each pair (a[i], b[i]) as an (n, 2) array, the image with
     fewer pixels as the query (as a search's edited copy is); -1 where either image is unreadable
     or has under `min_keypoints` keypoints (verification cannot tell)."""
+    import cv2
     import ray
 
     from embedding.local_features import match
@@ -280,7 +285,10 @@ def verify_pairs(a: np.ndarray, b: np.ndarray, feature_refs: list, min_keypoints
         query, candidate = (fa[1], fb[0]) if fa[2] <= fb[2] else (fb[1], fa[0])
         if min(len(query.descriptors), len(candidate.descriptors)) < min_keypoints:
             continue
-        m = match(query, candidate)
+        try:
+            m = match(query, candidate)
+        except cv2.error:  # a degenerate pair cannot be judged; the others still are
+            continue
         out[i] = (m.inliers, m.contained)
     return out
 
@@ -302,13 +310,17 @@ def copy_groups(index_dir: str, out: str, cfg: AppConfig, nprobe: Optional[int] 
     t0 = time.time()
     c = cfg.corpus
     manifest = read_manifest(index_dir)
-    readers = open_readers(index_dir, manifest, c.reader_cpus, include_hidden=True)
+    if manifest.metric != "ip":
+        raise ValueError(f"copy-groups compares cosine scores; the index at {index_dir} has metric "
+                         f"{manifest.metric!r} (build it with index.metric: ip)")
+    readers = open_readers(index_dir, manifest, fit_cpus(c.reader_cpus * manifest.num_shards) / manifest.num_shards,
+                           include_hidden=True)
+    tally = ray.remote(num_cpus=0)(Tally).remote()
     try:
         tables = ray.get([r.table.remote() for r in readers])
         slices = [(s, a, b) for s, parts in enumerate(ray.get([r.slices.remote(c.chunk) for r in readers]))
                   for a, b in parts]
         total = sum(b - a for _, a, b in slices)
-        tally = ray.remote(num_cpus=0)(Tally).remote()
         ds = ray.data.from_items([{"shard": s, "start": a, "stop": b} for s, a, b in slices] or [{"shard": 0, "start": 0, "stop": 0}])
         ds = ds.map_batches(
             FindCandidates, batch_size=1, batch_format="numpy",
@@ -328,20 +340,22 @@ def copy_groups(index_dir: str, out: str, cfg: AppConfig, nprobe: Optional[int] 
                 stop()
             progress.update_to(ray.get(tally.get.remote()))
         per_node = ray.get(tally.by_key.remote())
-        ray.kill(tally)
     finally:
-        for r in readers:
-            ray.kill(r)
+        for actor in [*readers, tally]:
+            ray.kill(actor)
     a, b, score = unique_pairs(*(np.concatenate(p) for p in zip(*parts))) if parts else \
         (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     cat = read_catalog_of(tables, _built(index_dir, manifest))
+    # An image written while the job ran can be a hit without a row in the tables read first:
+    # it is grouped by the next run.
+    known = np.isin(a, cat.ids) & np.isin(b, cat.ids)
+    a, b, score = a[known], b[known], score[known]
+    pos_a, pos_b = cat.rows(a), cat.rows(b)
     result = np.full((len(a), 2), -1.0)
     failed: dict[int, str] = {}
-    if c.verify and len(a):
-        pos_a, pos_b = cat.rows(a), cat.rows(b)
-        # Images indexed from vectors have no pixels to read (no hash, no uri): nothing to verify.
-        pixels = ((cat.flags[pos_a] & cat.flags[pos_b] & HASHED) != 0)
-        ask = np.flatnonzero((cat.sha64[pos_a] != cat.sha64[pos_b]) & pixels)
+    # Images indexed from vectors have no pixels to read (no hash, no uri): nothing to verify.
+    ask = np.flatnonzero((cat.sha64[pos_a] != cat.sha64[pos_b]) & ((cat.flags[pos_a] & cat.flags[pos_b] & HASHED) != 0))
+    if c.verify and len(ask):
         roots = cfg.serve.uri_roots + list(allow or []) + list(manifest.sources)
         result[ask], failed = _verify(cat, a[ask], b[ask], roots, cfg)
     how = confirm(cat, a, b, score, result[:, 0], result[:, 1], copy_bits=cfg.serve.near_duplicate_bits,
@@ -350,7 +364,6 @@ def copy_groups(index_dir: str, out: str, cfg: AppConfig, nprobe: Optional[int] 
     groups = groups_table(cat, a, b, how)
     storage.makedirs(out)
     _write_table(storage.join(out, GROUPS_FILE), groups)
-    pos_a, pos_b = cat.rows(a), cat.rows(b)
     hashed = ((cat.flags[pos_a] & HASHED) != 0) & ((cat.flags[pos_b] & HASHED) != 0)
     bits = np.where(hashed, hash_distance(cat.phash[pos_a], cat.phash[pos_b]), -1)
     _write_table(storage.join(out, PAIRS_FILE), pa.table({
@@ -359,9 +372,9 @@ def copy_groups(index_dir: str, out: str, cfg: AppConfig, nprobe: Optional[int] 
     rows = sorted((cat.uri[p], e) for p, e in zip(cat.rows(np.fromiter(failed, np.int64, len(failed))), failed.values()))
     storage.write_bytes_atomic(storage.join(out, FAILED_FILE),
                                "".join(json.dumps({"uri": u, "error": e}) + "\n" for u, e in rows).encode())
-    summary = GroupsSummary(images=len(cat.ids), groups=int(groups.column("group").to_numpy().max() + 1) if groups.num_rows else 0,
+    summary = GroupsSummary(images=len(cat.ids), groups=len(set(groups.column("group").to_pylist())),
                             grouped=groups.num_rows, candidates=len(a), verified=int((result[:, 0] >= 0).sum()),
-                            unreadable=len(failed), seconds=time.time() - t0)
+                            copies=int((how != "").sum()), unreadable=len(failed), seconds=time.time() - t0)
     storage.write_bytes_atomic(storage.join(out, SUMMARY_FILE), json.dumps({
         **summary.__dict__, "index_dir": index_dir, "version": manifest.version,
         "confirmed": {h: int((how == h).sum()) for h in CONFIRMATIONS}, "corpus": c.model_dump(),

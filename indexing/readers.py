@@ -47,7 +47,12 @@ def open_readers(index_dir: str, manifest: Manifest, cpus: float, include_hidden
     # Spread over the nodes: the shards' searches are the job's work, and they run where these live.
     actor = ray.remote(num_cpus=cpus, scheduling_strategy="SPREAD")(ShardReader)
     readers = [actor.remote(index_dir, manifest.model_dump(), s, include_hidden) for s in range(manifest.num_shards)]
-    ray.get([r.__ray_ready__.remote() for r in readers])
+    try:
+        ray.get([r.__ray_ready__.remote() for r in readers])
+    except BaseException:
+        for r in readers:
+            ray.kill(r)
+        raise
     return readers
 
 

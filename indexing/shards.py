@@ -173,6 +173,8 @@ def shard_vectors(index: faiss.Index, start: int = 0, stop: Optional[int] = None
         ids = faiss.vector_to_array(mapped.id_map).astype(np.int64)[start:stop]
         return ids, faiss.downcast_index(mapped.index).reconstruct_n(start, stop - start)
     ivf = faiss.extract_index_ivf(index)
+    if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
+        raise ValueError("the vectors of a fast-scan index (factory ...x4fs) cannot be read back from its packed codes")
     invlists, size = ivf.invlists, ivf.coarse_code_size()
     ids, codes, at = [], [], 0
     for l in range(ivf.nlist):

@@ -59,7 +59,10 @@ class CandidateVerifier:
             f = self.candidate(c, roots)
             if f is None or time.monotonic() > deadline:
                 return None
-            m = match(fq, f)
+            try:
+                m = match(fq, f)
+            except cv2.error:  # a degenerate pair is not verified; the others still are
+                return None
             return m.inliers, m.coverage
 
         scores = list(self.pool.map(one, candidates))

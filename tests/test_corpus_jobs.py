@@ -86,6 +86,12 @@ def test_groups_name_the_largest_member_first_by_the_build_and_mark_flags():
         (1, 13, 14, "score", False), (1, 14, 14, "score", False)]  # equal pixels: the build's member
 
 
+def test_no_confirmed_pair_makes_no_group():
+    cat = _catalog(3)
+    t = groups_table(cat, np.array([10, 11], np.int64), np.array([11, 12], np.int64), np.array(["", ""], dtype=object))
+    assert t.num_rows == 0 and "representative" in t.column_names
+
+
 # ---------------------------------------------------------------- the jobs, beside the service
 
 
