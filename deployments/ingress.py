@@ -43,7 +43,7 @@ from indexing.cells import CellRouting
 from indexing.ids import derived_id
 from indexing.idlocks import id_lock
 from indexing.live import SealedError
-from indexing.policy import verification_shortlist, verified_first
+from indexing.policy import fetch_size, verification_shortlist, verified_first
 
 LOG = logging.getLogger("ray.serve")
 # Routes that stay open when the Ingress is at its in-flight limit: operators need them most then.
@@ -278,7 +278,7 @@ class Ingress:
             raise ApiError(422, "too_much_work", f"{len(queries)} queries x k={k} asks for {len(queries) * k} "
                            f"results; the limit per request is {self.cfg.max_hits_per_request}")
         version = await self._index()
-        fetch = k * self.cfg.dedupe_fetch_factor if dedupe or exclude_query else k
+        fetch = fetch_size(k, self.cfg.dedupe_fetch_factor, dedupe, exclude_query)
         query = Query(queries, fetch, nprobe, version.router)
         if self.searching:  # others are on their way to the shards: join the next batch
             hits = await self._search_batch(query)

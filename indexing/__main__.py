@@ -33,11 +33,7 @@ def _cmd_build(args) -> int:
         _init_ray(args.address)
         summary = build_from_vectors(vectors, ids, args.index_dir, cfg, args.shards, args.factory)
     else:
-        from indexing import storage
-
-        storage.check_folder(args.images)  # a missing folder fails before Ray starts, not after
-        if storage.is_local(args.images) and next(storage.list_files(args.images, cfg.build.extensions), None) is None:
-            raise UsageError(f"no images with endings {list(cfg.build.extensions)} under {args.images}")
+        _check_images(args.images, cfg.build.extensions)
         _init_ray(args.address)
         summary = build_from_images(args.images, args.index_dir, cfg, args.shards, args.factory)
     print(summary.line(), flush=True)
@@ -89,8 +85,7 @@ def _cmd_copy_groups(args) -> int:
     from indexing.copygroups import copy_groups
     from indexing.manifest import read_manifest
 
-    if args.nprobe is not None and args.nprobe < 1:
-        raise UsageError(f"--nprobe must be >= 1, got {args.nprobe}")
+    _check_nprobe(args.nprobe)
     read_manifest(args.index_dir)  # no index there fails now, not after Ray has started
     cfg = load_config(args.config, _corpus_overrides(args))
     _init_ray(args.address)
@@ -100,25 +95,45 @@ def _cmd_copy_groups(args) -> int:
 
 
 def _cmd_search(args) -> int:
-    from indexing import storage
     from indexing.bulksearch import bulk_search
     from indexing.manifest import read_manifest
 
     if args.k < 1:
         raise UsageError(f"--k must be >= 1, got {args.k}")
-    if args.nprobe is not None and args.nprobe < 1:
-        raise UsageError(f"--nprobe must be >= 1, got {args.nprobe}")
+    _check_nprobe(args.nprobe)
     cfg = load_config(args.config)
     read_manifest(args.index_dir)
-    storage.check_folder(args.images)
-    if storage.is_local(args.images) and next(storage.list_files(args.images, cfg.build.extensions), None) is None:
-        raise UsageError(f"no images with endings {list(cfg.build.extensions)} under {args.images}")
+    _check_images(args.images, cfg.build.extensions)
     _init_ray(args.address)
     summary = bulk_search(args.images, args.index_dir, args.out, cfg, k=args.k, verify=args.verify,
                           include_private=args.include_private, dedupe=not args.no_dedupe, nprobe=args.nprobe,
                           allow=_allowed(args.allow))
     print(summary.line(), flush=True)
     return 0
+
+
+def _check_images(images: str, extensions: tuple[str, ...]) -> None:
+    """A missing folder, or a local one without images, fails before Ray starts, not after."""
+    from indexing import storage
+
+    storage.check_folder(images)
+    if storage.is_local(images) and next(storage.list_files(images, extensions), None) is None:
+        raise UsageError(f"no images with endings {list(extensions)} under {images}")
+
+
+def _check_nprobe(nprobe: int | None) -> None:
+    if nprobe is not None and nprobe < 1:
+        raise UsageError(f"--nprobe must be >= 1, got {nprobe}")
+
+
+def _job_options(p: argparse.ArgumentParser, nprobe_default: str) -> None:
+    """The options the corpus jobs share: the index, where verification may read, the cluster."""
+    p.add_argument("--index-dir", required=True, help="the index (path or URI), read as the service reads it")
+    p.add_argument("--nprobe", type=int, help=f"IVF cells visited per search (default: {nprobe_default})")
+    p.add_argument("--allow", action="append", metavar="FOLDER",
+                   help="verification may also read images under FOLDER (as `deployments allow` lets the service); "
+                        "the index's image folders and serve.uri_roots always")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
 
 
 def _allowed(folders: list[str] | None) -> list[str]:
@@ -198,33 +213,23 @@ def main(argv=None) -> int:
     r.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     r.set_defaults(fn=_cmd_rebalance)
     c = sub.add_parser("copy-groups", help="group the indexed images that are copies of each other")
-    c.add_argument("--index-dir", required=True, help="the index (path or URI), read as the service reads it")
+    _job_options(c, "corpus.nprobe")
     c.add_argument("--out", required=True, help="folder for groups.parquet, pairs.parquet, failed.jsonl, summary.json")
     c.add_argument("--neighbours", type=int, help="nearest vectors taken as candidates (default: corpus.neighbours)")
     c.add_argument("--min-score", type=float, help="lowest candidate score (default: corpus.min_score)")
     c.add_argument("--no-verify", action="store_true",
                    help="no local-feature verification: the hash rule and corpus.sure_score alone")
-    c.add_argument("--nprobe", type=int, help="IVF cells visited per search (default: corpus.nprobe)")
-    c.add_argument("--allow", action="append", metavar="FOLDER",
-                   help="verification may also read images under FOLDER (as `deployments allow` lets the service); "
-                        "the index's image folders and serve.uri_roots always")
     c.add_argument("--config", help="YAML config (corpus, serve.near_duplicate_bits, serve.verify_min_inliers)")
-    c.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     c.set_defaults(fn=_cmd_copy_groups)
     s = sub.add_parser("search", help="search a folder of query images as POST /search would, as one batch job")
-    s.add_argument("--index-dir", required=True, help="the index (path or URI), read as the service reads it")
+    _job_options(s, "the index's")
     s.add_argument("--images", required=True, help="folder or URI prefix of query images")
     s.add_argument("--out", required=True, help="folder for results.parquet and failed.jsonl")
     s.add_argument("--k", type=int, default=10, help="results per query")
     s.add_argument("--verify", action="store_true", help="verify the shortlist by local features (?verify=true)")
     s.add_argument("--include-private", action="store_true", help="return private and unsafe images too")
     s.add_argument("--no-dedupe", action="store_true", help="keep copies of a better result (?dedupe=false)")
-    s.add_argument("--nprobe", type=int, help="IVF cells visited per search (default: the index's)")
-    s.add_argument("--allow", action="append", metavar="FOLDER",
-                   help="verification may also read images under FOLDER (as `deployments allow` lets the service); "
-                        "the index's image folders and serve.uri_roots always")
     s.add_argument("--config", help="YAML config (model, serve ranking policy, corpus)")
-    s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     s.set_defaults(fn=_cmd_search)
     d = sub.add_parser("demo-images", help="write the demo corpus (scikit-image photos + variants)")
     d.add_argument("--out", required=True)

@@ -7,7 +7,6 @@ from its own partition by a separate Ray task and written atomically.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import posixpath
@@ -18,7 +17,6 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from configs.progress import Progress, poll, replace_ray_data_bars
 from configs.schema import AppConfig, BuildConfig, ModelConfig
@@ -301,18 +299,21 @@ def write_shards(index_dir: str, version: int, template: bytes, emb_uri: str, nu
 
 def write_catalog(index_dir: str, emb_uri: str, name: str) -> None:
     """catalog.parquet: id -> uri, sha256, perceptual hash, width, height of every indexed image."""
-    t = read_embeddings(emb_uri, columns=CATALOG_COLUMNS).sort_by("id")
-    buf = io.BytesIO()
-    pq.write_table(t, buf)
-    storage.write_bytes_atomic(storage.join(index_dir, name), buf.getvalue())
+    storage.write_parquet_atomic(storage.join(index_dir, name), read_embeddings(emb_uri, columns=CATALOG_COLUMNS).sort_by("id"))
 
 
 def write_failed(index_dir: str, emb_uri: str) -> int:
     """failed.jsonl: one {"uri", "error"} object per image that could not be decoded."""
     t = embeddings_dataset(emb_uri).to_table(columns=["uri", "error"], filter=pads.field("error") != "")
-    rows = sorted(zip(t.column("uri").to_pylist(), t.column("error").to_pylist()))
-    data = "".join(json.dumps({"uri": u, "error": e}) + "\n" for u, e in rows)
-    storage.write_bytes_atomic(storage.join(index_dir, "failed.jsonl"), data.encode())
+    return write_failed_rows(storage.join(index_dir, "failed.jsonl"),
+                             zip(t.column("uri").to_pylist(), t.column("error").to_pylist()))
+
+
+def write_failed_rows(uri: str, rows) -> int:
+    """A failed.jsonl at `uri`: one {"uri", "error"} object per (uri, error) of `rows`, sorted, as
+    every job lists what it could not read; returns how many."""
+    rows = sorted(rows)
+    storage.write_bytes_atomic(uri, "".join(json.dumps({"uri": u, "error": e}) + "\n" for u, e in rows).encode())
     return len(rows)
 
 
@@ -439,6 +440,37 @@ def fit_to_free_cpus(b: BuildConfig, use_gpu: bool, wait_s: float = 30.0, settle
     return b.model_copy(update={"actor_num_cpus": b.actor_num_cpus * scale, "decode_num_cpus": b.decode_num_cpus * scale})
 
 
+def embedded_images(images: str, listed: list[tuple[str, str]], b: BuildConfig, use_gpu: bool, model: dict,
+                    decode: dict, **embed_kwargs):
+    """The Ray Data pipeline a build and a bulk search share: read the `listed` files of `images`,
+    decode them (decode_batch) and embed them on an actor pool (EmbedBatch(model, **embed_kwargs)),
+    reserving `b`'s CPUs, or a GPU per actor with `use_gpu`. Returns (dataset, the folder's uri as
+    catalogs name it)."""
+    import ray
+
+    fs, root = storage.resolve(images)
+    scheme = images.split("://", 1)[0] + "://" if "://" in images and not images.startswith("file://") else ""
+    # A pool that waits for more GPUs than the cluster has would never start.
+    min_actors = min(b.min_actors, max(1, int(ray.cluster_resources().get("GPU", 0) // b.gpus_per_actor))) \
+        if use_gpu else b.min_actors
+    ds = ray.data.read_binary_files(
+        [p.split("://", 1)[1] if scheme else p for p, _ in listed], include_paths=True, filesystem=fs,
+        num_cpus=b.decode_num_cpus,
+    )
+    ds = ds.map_batches(
+        decode_batch, batch_size=b.decode_batch_size, batch_format="numpy", num_cpus=b.decode_num_cpus,
+        fn_kwargs=dict(root=root.replace("\\", "/"), scheme=scheme, image_size=ModelConfig(**model).image_size,
+                       decode=decode),
+    )
+    ds = ds.map_batches(
+        EmbedBatch, batch_size=b.embed_batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=b.max_actors),
+        fn_constructor_kwargs=dict(model=model, **embed_kwargs),
+        num_gpus=b.gpus_per_actor if use_gpu else 0, num_cpus=None if use_gpu else b.actor_num_cpus,
+    )
+    return ds, scheme + root
+
+
 def build_from_images(
     images: str, index_dir: str, cfg: AppConfig, shards: Optional[int] = None, factory: Optional[str] = None,
 ) -> BuildSummary:
@@ -450,8 +482,6 @@ def build_from_images(
     if not listed:
         raise BuildError(f"no images with endings {list(cfg.build.extensions)} under {images}")
     assign_ids([rel for _, rel in listed])  # fail fast on collisions, before any pixel is read
-    fs, root = storage.resolve(images)
-    scheme = images.split("://", 1)[0] + "://" if "://" in images and not images.startswith("file://") else ""
     num_shards = shards or cfg.index.shards
     slot_table = initial_slot_table(cfg.index.slots, num_shards)
     version = next_version(index_dir)
@@ -459,25 +489,9 @@ def build_from_images(
     emb_uri = storage.join(index_dir, emb_name)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     b = fit_to_free_cpus(cfg.build, use_gpu)
-    # A pool that waits for more GPUs than the cluster has would never start.
-    min_actors = min(b.min_actors, max(1, int(ray.cluster_resources().get("GPU", 0) // b.gpus_per_actor))) \
-        if use_gpu else b.min_actors
-    ds = ray.data.read_binary_files(
-        [p.split("://", 1)[1] if scheme else p for p, _ in listed], include_paths=True, filesystem=fs,
-        num_cpus=b.decode_num_cpus,
-    )
-    ds = ds.map_batches(
-        decode_batch, batch_size=b.decode_batch_size, batch_format="numpy", num_cpus=b.decode_num_cpus,
-        fn_kwargs=dict(root=root.replace("\\", "/"), scheme=scheme, image_size=cfg.model.image_size,
-                       decode=cfg.decode.model_dump()),
-    )
     tally = ray.remote(num_cpus=0)(Tally).remote()
-    ds = ds.map_batches(
-        EmbedBatch, batch_size=b.embed_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=b.max_actors),
-        fn_constructor_kwargs=dict(model=cfg.model.model_dump(), slot_table=slot_table, tally=tally),
-        num_gpus=b.gpus_per_actor if use_gpu else 0, num_cpus=None if use_gpu else b.actor_num_cpus,
-    )
+    ds, source = embedded_images(images, listed, b, use_gpu, cfg.model.model_dump(), cfg.decode.model_dump(),
+                                 slot_table=slot_table, tally=tally)
     out_fs, out_path = storage.resolve(emb_uri)
     replace_ray_data_bars()
     try:
@@ -492,7 +506,7 @@ def build_from_images(
         ray.kill(tally)
     failed = write_failed(index_dir, emb_uri)
     m = finish_index(index_dir, cfg, version, emb_name, num_shards, slot_table, factory, cfg.model.model_dump(),
-                     [scheme + root])
+                     [source])
     return BuildSummary(m.total, failed, time.time() - t0, m)
 
 

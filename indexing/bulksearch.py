@@ -9,7 +9,6 @@ parquet file of results, failed.jsonl for the queries that could not be read.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -67,7 +66,7 @@ class SearchBatch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from deployments.pipeline import rank
         from indexing.build import arrow_to_vectors
-        from indexing.policy import verification_shortlist, verified_first
+        from indexing.policy import fetch_size, verification_shortlist, verified_first
 
         ok = np.asarray(batch.column("error").to_pylist()) == ""
         uris = batch.column("uri").to_pylist()
@@ -80,8 +79,7 @@ class SearchBatch:
             own = [sha_key(s) for s in np.asarray(batch.column("sha256").to_pylist())[ok]]
             depth = max(self.k, self.cfg.verify_top) if self.verify else self.k
             exclude = self.cfg.exclude_query_image
-            fetch = depth * self.cfg.dedupe_fetch_factor if self.dedupe or exclude else depth
-            hits = self.router.search(x, fetch, self.nprobe)
+            hits = self.router.search(x, fetch_size(depth, self.cfg.dedupe_fetch_factor, self.dedupe, exclude), self.nprobe)
             results, _ = rank(hits, depth, copy_bits=self.cfg.near_duplicate_bits, query_sha256=own,
                               exclude_query=exclude, dedupe=self.dedupe)
             for uri, own_sha, ranked in zip(np.asarray(uris, dtype=object)[ok], own, results):
@@ -113,8 +111,8 @@ def bulk_search(images: str, index_dir: str, out: str, cfg: AppConfig, *, k: int
     images from the index's folders, `serve.uri_roots` and `allow`, as the service does."""
     import ray
 
-    from configs.schema import ModelConfig, index_model
-    from indexing.build import EmbedBatch, decode_batch, fit_to_free_cpus
+    from configs.schema import index_model
+    from indexing.build import embedded_images, fit_to_free_cpus, write_failed_rows
     from indexing.readers import open_readers
 
     t0 = time.time()
@@ -122,8 +120,6 @@ def bulk_search(images: str, index_dir: str, out: str, cfg: AppConfig, *, k: int
     listed = list(storage.list_files(images, cfg.build.extensions))
     if not listed:
         raise FileNotFoundError(f"no images with endings {list(cfg.build.extensions)} under {images}")
-    fs, root = storage.resolve(images)
-    scheme = images.split("://", 1)[0] + "://" if "://" in images and not images.startswith("file://") else ""
     c = cfg.corpus
     model = index_model(cfg.model, manifest.model)  # queries embedded as the service embeds them
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -134,19 +130,8 @@ def bulk_search(images: str, index_dir: str, out: str, cfg: AppConfig, *, k: int
     scale = b.decode_num_cpus / cfg.build.decode_num_cpus
     readers = open_readers(index_dir, manifest, c.reader_cpus * scale, include_hidden=include_private)
     try:
-        ds = ray.data.read_binary_files([p.split("://", 1)[1] if scheme else p for p, _ in listed], include_paths=True,
-                                        filesystem=fs, num_cpus=b.decode_num_cpus,
-                                        override_num_blocks=max(1, len(listed) // b.decode_batch_size))
-        ds = ds.map_batches(decode_batch, batch_size=b.decode_batch_size, batch_format="numpy",
-                            num_cpus=b.decode_num_cpus,
-                            fn_kwargs=dict(root=root.replace("\\", "/"), scheme=scheme, image_size=ModelConfig(**model).image_size,
-                                           decode=cfg.decode.model_dump()))
-        gpus = min(b.min_actors, max(1, int(ray.cluster_resources().get("GPU", 0) // b.gpus_per_actor)))
-        ds = ds.map_batches(EmbedBatch, batch_size=b.embed_batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(min_size=gpus if use_gpu else b.min_actors,
-                                                               max_size=b.max_actors),
-                            fn_constructor_kwargs=dict(model=model, slot_table=None, for_index=False),
-                            num_gpus=b.gpus_per_actor if use_gpu else 0, num_cpus=None if use_gpu else b.actor_num_cpus)
+        ds, _ = embedded_images(images, listed, b, use_gpu, model, cfg.decode.model_dump(), slot_table=None,
+                                for_index=False)
         roots = cfg.serve.uri_roots + list(allow or []) + list(manifest.sources)
         ds = ds.map_batches(SearchBatch, batch_size=b.embed_batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=c.search_actors),
@@ -161,21 +146,20 @@ def bulk_search(images: str, index_dir: str, out: str, cfg: AppConfig, *, k: int
         local = storage.join(out, RESULTS_FILE)
         with _ParquetOut(local) as writer, Progress("searching", len(listed), "images") as progress:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                answered = len(set(batch.column("query_uri").to_pylist()))
                 if first is None:
-                    first, first_n = time.time() - t0, len(set(batch.column("query_uri").to_pylist()))
+                    first, first_n = time.time() - t0, answered
                 err = np.asarray(batch.column("error").to_pylist())
                 bad = np.flatnonzero(err != "")
-                failed += [{"uri": batch.column("query_uri")[int(i)].as_py(), "error": str(err[i])} for i in bad]
+                failed += [(batch.column("query_uri")[int(i)].as_py(), str(err[i])) for i in bad]
                 good = batch.filter(pa.array(err == "")).select(RESULTS_SCHEMA.names).cast(RESULTS_SCHEMA)
                 writer.write(good)
                 results += good.num_rows
-                progress.update(len(set(batch.column("query_uri").to_pylist())))
+                progress.update(answered)
     finally:
         for r in readers:
             ray.kill(r)
-    failed.sort(key=lambda r: r["uri"])
-    storage.write_bytes_atomic(storage.join(out, FAILED_FILE),
-                               "".join(json.dumps(r) + "\n" for r in failed).encode())
+    write_failed_rows(storage.join(out, FAILED_FILE), failed)
     return SearchSummary(len(listed), len(failed), results, time.time() - t0, first or 0.0, first_n)
 
 

@@ -112,9 +112,7 @@ def write_catalog(uri: str, table: pa.Table) -> None:
     out = pa.table({"id": table.column("id"), "uri": table.column("uri"), "sha256": table.column("sha256"),
                     "private": pa.array((flags & PRIVATE) > 0), "unsafe": pa.array((flags & UNSAFE) > 0),
                     "phash": pc.if_else(pa.array((flags & HASHED) > 0), table.column("phash"), pa.scalar(None, pa.int64()))})
-    buf = io.BytesIO()
-    pq.write_table(out, buf)
-    storage.write_bytes_atomic(uri, buf.getvalue())
+    storage.write_parquet_atomic(uri, out)
 
 
 def write_snapshot(path: str, table: pa.Table) -> None:

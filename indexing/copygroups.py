@@ -238,20 +238,18 @@ def extract_features(items: list[tuple[int, str, int]], roots: list[str], decode
     while it holds the indexed bytes); the query features of a small image are taken enlarged, as
     a search's query is (embedding.local_features). Pixels are the full image's width x height
     (features are taken at most MAX_SIDE wide, which hides which of two large images is a crop)."""
-    import hashlib
-
     import cv2
 
     from configs.schema import DecodeConfig
     from embedding.decode import ImageDecodeError, decode_image
     from embedding.local_features import ENLARGE_BELOW, MAX_SIDE, extract
-    from indexing.catalog import sha_key
+    from indexing.verification import read_indexed
 
     d = DecodeConfig(**decode)
     out: dict = {}
     for id_, uri, sha64 in items:
         try:
-            data = storage.read_source(uri, roots, lambda b: sha_key(hashlib.sha256(b).hexdigest()) == sha64)
+            data = read_indexed(uri, sha64, roots)
             img = decode_image(data, max_bytes=d.max_bytes, max_pixels=d.max_pixels, draft=MAX_SIDE)
             rgb = np.asarray(img)
             candidate = extract(rgb)
@@ -304,7 +302,7 @@ def copy_groups(index_dir: str, out: str, cfg: AppConfig, nprobe: Optional[int] 
     are read, as the service reads them, from the index's folders, `serve.uri_roots` and `allow`."""
     import ray
 
-    from indexing.build import Tally, fit_cpus
+    from indexing.build import Tally, fit_cpus, write_failed_rows
     from indexing.readers import open_readers
 
     t0 = time.time()
@@ -363,15 +361,14 @@ def copy_groups(index_dir: str, out: str, cfg: AppConfig, nprobe: Optional[int] 
                   hash_min_score=c.hash_min_score, sure_score=c.sure_score)
     groups = groups_table(cat, a, b, how)
     storage.makedirs(out)
-    _write_table(storage.join(out, GROUPS_FILE), groups)
+    storage.write_parquet_atomic(storage.join(out, GROUPS_FILE), groups)
     hashed = ((cat.flags[pos_a] & HASHED) != 0) & ((cat.flags[pos_b] & HASHED) != 0)
     bits = np.where(hashed, hash_distance(cat.phash[pos_a], cat.phash[pos_b]), -1)
-    _write_table(storage.join(out, PAIRS_FILE), pa.table({
+    storage.write_parquet_atomic(storage.join(out, PAIRS_FILE), pa.table({
         "a": a, "b": b, "score": score, "hash_bits": bits.astype(np.int64), "inliers": result[:, 0].astype(np.int64),
         "contained": result[:, 1].astype(np.float32), "confirmed": pa.array(how.tolist(), pa.string())}))
-    rows = sorted((cat.uri[p], e) for p, e in zip(cat.rows(np.fromiter(failed, np.int64, len(failed))), failed.values()))
-    storage.write_bytes_atomic(storage.join(out, FAILED_FILE),
-                               "".join(json.dumps({"uri": u, "error": e}) + "\n" for u, e in rows).encode())
+    write_failed_rows(storage.join(out, FAILED_FILE),
+                      ((cat.uri[p], e) for p, e in zip(cat.rows(np.fromiter(failed, np.int64, len(failed))), failed.values())))
     summary = GroupsSummary(images=len(cat.ids), groups=len(set(groups.column("group").to_pylist())),
                             grouped=groups.num_rows, candidates=len(a), verified=int((result[:, 0] >= 0).sum()),
                             copies=int((how != "").sum()), unreadable=len(failed), seconds=time.time() - t0)
@@ -394,14 +391,6 @@ def _built(index_dir: str, manifest) -> Optional[pa.Table]:
         return None
     cols = [c for c in ("id", "sha256", "width", "height") if c in pq.read_schema(data).names]
     return pq.read_table(data, columns=cols)
-
-
-def _write_table(uri: str, table: pa.Table) -> None:
-    import io
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes_atomic(uri, buf.getvalue())
 
 
 def _verify(cat: Catalog, a: np.ndarray, b: np.ndarray, roots: list[str], cfg: AppConfig

@@ -16,6 +16,12 @@ import numpy as np
 from embedding.copies import hash_distance
 
 
+def fetch_size(k: int, fetch_factor: int, dedupe: bool, exclude_query: bool) -> int:
+    """Candidates to fetch from the shards for k results: k * `fetch_factor` when duplicates or
+    the query's own bytes may be dropped (so k remain), else k."""
+    return k * fetch_factor if dedupe or exclude_query else k
+
+
 def rank_results(
     scores: np.ndarray, ids: np.ndarray, k: int, meta: dict, *, copy_bits: Optional[int] = None,
     query_sha256: Union[None, str, Sequence[Optional[str]]] = None, exclude_query: bool = False,

@@ -147,6 +147,16 @@ def write_file_atomic(path: str, write: Callable[[str], None]) -> None:
     fsync_dir(os.path.dirname(path))
 
 
+def write_parquet_atomic(uri: str, table) -> None:
+    """Write an Arrow table as one parquet file, atomically (write_bytes_atomic)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write `data` so that readers see either the old file or the complete new one."""
     fs, path = resolve(uri)

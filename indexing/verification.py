@@ -19,6 +19,12 @@ from indexing.cache import BytesLRU
 from indexing.catalog import sha_key
 
 
+def read_indexed(uri: str, sha64: int, roots: list[str]) -> bytes:
+    """An indexed image's bytes, read only from under `roots` and only while they are still the
+    bytes indexed (their sha256 prefix is `sha64`); raises storage.SourceUnavailable."""
+    return storage.read_source(uri, roots, lambda d: sha_key(hashlib.sha256(d).hexdigest()) == sha64)
+
+
 class CandidateVerifier:
     """Matches a query's local features against candidates ({"id", "uri", "sha64"})."""
 
@@ -38,7 +44,7 @@ class CandidateVerifier:
         f = self.cache.get(key)
         if f is None:
             try:
-                data = storage.read_source(c["uri"], roots, lambda d: sha_key(hashlib.sha256(d).hexdigest()) == c["sha64"])
+                data = read_indexed(c["uri"], c["sha64"], roots)
                 f = features_of(data, max_bytes=self.decode.max_bytes, max_pixels=self.decode.max_pixels)
             except (storage.SourceUnavailable, ImageDecodeError, cv2.error):
                 return None  # not verifiable: it keeps its place
